@@ -1,0 +1,3 @@
+from kgen_cli.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""The `kgen` command: assembles the sub-commands and funnels every error into one line.
+
+Each command lives in `kgen_cli/commands/<name>.py`; this module only wires them. Nothing here
+imports llama_cpp or loads tag lists, so `kgen --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated, Optional
+
+import typer
+from typer._click import exceptions as click_exceptions
+
+from kgen_cli import __version__
+from kgen_cli.commands import batch as batch_cmd
+from kgen_cli.commands import expand as expand_cmd
+from kgen_cli.commands import info as info_cmd
+from kgen_cli.commands import models as models_cmd
+from kgen_cli.console import debug_enabled, err_console
+from kgen_cli.errors import KgenError
+
+app = typer.Typer(
+    name="kgen",
+    help="Prompt upsampling for text-to-image models (TIPO, DanTagGen) on llama.cpp.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("expand")(expand_cmd.expand)
+app.command("batch")(batch_cmd.batch)
+app.command("info")(info_cmd.info)
+app.add_typer(models_cmd.app, name="models")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            llama = version("llama-cpp-python")
+        except PackageNotFoundError:
+            llama = "not installed"
+        typer.echo(f"kgen {__version__} (llama-cpp-python {llama})")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Prompt upsampling for text-to-image models (TIPO, DanTagGen) on llama.cpp.
+
+    Results go to stdout, diagnostics to stderr. Set KGEN_DEBUG=1 to see tracebacks.
+    """
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[red]Error:[/red] {message}", soft_wrap=True, markup=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: the one error funnel (one line on stderr, exit 1 or 2)."""
+    command = typer.main.get_command(app)
+    try:
+        # Without standalone mode click returns typer.Exit's code instead of exiting.
+        code = command.main(args=argv, prog_name="kgen", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fail("interrupted", 130)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        # `kgen` or `kgen models` alone: show the help, as click does, with its usage exit code.
+        typer.echo(exc.ctx.get_help(), err=True)
+        sys.exit(2)
+    except click_exceptions.UsageError as exc:
+        if debug_enabled():
+            raise
+        ctx = exc.ctx
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(f"{_escape(exc.format_message())}{where}", 2)
+    except KgenError as exc:
+        if debug_enabled():
+            raise
+        message = str(exc) + (f" ({exc.hint})" if exc.hint else "")
+        _fail(_escape(message), exc.exit_code)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except click_exceptions.ClickException as exc:
+        if debug_enabled():
+            raise
+        _fail(_escape(exc.format_message()), exc.exit_code)
+    except Exception as exc:  # the funnel: no traceback unless KGEN_DEBUG=1
+        if debug_enabled():
+            raise
+        _fail(_escape(f"{type(exc).__name__}: {exc}".splitlines()[0]) + " (set KGEN_DEBUG=1 for the traceback)", 1)
+    else:
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(" ".join(text.split()))
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (`kgen ... | head`): stop quietly, and keep Python's exit-time flush
+    # of stdout from printing a second BrokenPipeError.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(128 + signal.SIGPIPE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""One place that decides where text goes: stdout carries results only, everything else stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+# Diagnostics, progress and streaming decoration. No colour when stderr is not a terminal.
+err_console = Console(stderr=True, highlight=False)
+
+
+def stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("KGEN_DEBUG", "") not in ("", "0")
+
+
+def write_result(text: str) -> None:
+    """Write one result to stdout, newline-terminated, flushed (pipes see whole lines)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
