@@ -1,10 +1,140 @@
-"""`kgen models list | download | path`."""
+"""`kgen models list | download | path`: the registry, the hub and the files on disk.
+
+Results (the list, a path) go to stdout; progress bars and messages to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="List, download and locate TIPO/DTG GGUF models.", no_args_is_help=True)
+from kgen_cli import download as dl
+from kgen_cli.console import stdout_is_tty, write_result
+from kgen_cli.errors import UsageError
+from kgen_cli.registry import LOCAL_QUANT_TYPES, ModelSpec, Registry, load_registry, looks_like_path, not_downloaded
+
+app = typer.Typer(
+    help="List, download and locate TIPO/DTG GGUF models.",
+    no_args_is_help=True,
+)
+
+NameArg = Annotated[
+    Optional[str],
+    typer.Argument(
+        metavar="NAME",
+        help="A registry name (see `kgen models list`), or NAME@QTYPE for an F16 model quantised "
+        "locally (e.g. tipo-500m-ft@Q8_0). Default: the registry's default model.",
+        show_default=False,
+    ),
+]
 
 
-@app.command("list")
-def list_models() -> None:
-    """List the registry's models (not implemented yet)."""
+@app.command(
+    "list",
+    epilog="Piped, each model is one tab-separated line without a header: "
+    "name, family, quant, size in bytes (- if unknown), downloaded (yes/no), default (yes/no).",
+)
+def list_models(
+    json_: Annotated[bool, typer.Option("--json", help="One JSON array with every field of every model.")] = False,
+) -> None:
+    """List the registry's models: a table in a terminal, tab-separated lines when piped."""
+    registry = load_registry()
+    rows = [_row(registry, spec) for spec in [*registry, *dl.local_quantized(registry)]]
+    if json_:
+        write_result(json.dumps(rows, indent=2))
+    elif stdout_is_tty():
+        _print_table(rows)
+    else:
+        for row in rows:
+            size = "-" if row["size"] is None else str(row["size"])
+            fields = [row["name"], row["family"], row["quant"], size, _yes(row["downloaded"]), _yes(row["default"])]
+            write_result("\t".join(fields))
+
+
+@app.command("download")
+def download_model(
+    name: NameArg = None,
+    local_dir: Annotated[
+        Optional[Path],
+        typer.Option("--local-dir", metavar="DIR", file_okay=False,
+                     help="Download into DIR instead of the shared Hugging Face cache."),  # fmt: skip
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Download again even if cached (with --quant: quantise again).")
+    ] = False,
+    quant: Annotated[
+        Optional[str],
+        typer.Option("--quant", metavar="QTYPE",
+                     help=f"Quantise an F16 model locally to QTYPE ({', '.join(LOCAL_QUANT_TYPES)}); "
+                     "use the result as --model NAME@QTYPE."),  # fmt: skip
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")] = False,
+) -> None:
+    """Download a model from the Hugging Face hub and print its local path."""
+    spec = _lookup(load_registry(), name)
+    if quant is not None and spec.is_local_quant:
+        if quant.strip().upper() != spec.quant:
+            raise UsageError(f"'{spec.name}' and --quant {quant} disagree", hint="give the type once")
+        quant = None
+    write_result(str(dl.download(spec, local_dir=local_dir, force=force, quiet=quiet, quant=quant)))
+
+
+@app.command("path")
+def model_path(name: NameArg = None) -> None:
+    """Print the local path of a downloaded model (exit 1 if it is not downloaded)."""
+    spec = _lookup(load_registry(), name)
+    path = dl.local_path(spec)
+    if path is None:
+        raise not_downloaded(spec.name)
+    write_result(str(path))
+
+
+def _lookup(registry: Registry, name: str | None) -> ModelSpec:
+    if name is None:
+        return registry.default_spec
+    if looks_like_path(name):
+        raise UsageError(f"'{name}' is a file path; this command takes a registry name",
+                         hint="see: kgen models list")  # fmt: skip
+    return registry.get(name.strip())
+
+
+def _row(registry: Registry, spec: ModelSpec) -> dict:
+    path = dl.local_path(spec, verify=False)
+    row = spec.to_dict()
+    if path is not None:
+        row["size"] = path.stat().st_size
+    row.update(downloaded=path is not None, path=None if path is None else str(path),
+               default=spec.name == registry.default)  # fmt: skip
+    return row
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(caption="* default", caption_justify="left")
+    for header in ("Name", "Family", "Quant", "Size", "Downloaded", "Repository"):
+        table.add_column(header, justify="right" if header == "Size" else "left", no_wrap=header == "Name")
+    for row in rows:
+        name = f"[bold]{row['name']} *[/bold]" if row["default"] else row["name"]
+        table.add_row(name, row["family"], row["quant"], _human_size(row["size"]),
+                      "[green]yes[/green]" if row["downloaded"] else "no", row["repo"])  # fmt: skip
+    Console(highlight=False).print(table)
+
+
+def _human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"

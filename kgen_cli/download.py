@@ -1,0 +1,351 @@
+"""Model files on disk: cache lookup without network, hub downloads, sha256 checks, local quantisation.
+
+Files go to the shared Hugging Face cache (`HF_HUB_CACHE`, default ~/.cache/huggingface/hub)
+unless `--local-dir` asks for a directory; kgen remembers such files in `<kgen home>/local-files.json`
+so later runs find them. Progress bars are huggingface_hub's tqdm bars on stderr
+(`HF_HUB_DISABLE_PROGRESS_BARS=1` or `--quiet` turns them off). With `HF_HUB_OFFLINE=1` only files
+already on disk are used.
+
+A file whose size or sha256 the registry knows is checked after every download and before first
+use; a file that passed is recorded in `<kgen home>/verified.json` (by real path, size and mtime),
+so a 500 MB model is hashed once, not on every run. A file that fails is deleted after a download,
+and refused when found on disk.
+
+A locally quantised variant (`NAME@QTYPE`) lives in `<kgen home>/quantized/NAME-QTYPE.gguf`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kgen_cli.console import err_console
+from kgen_cli.errors import DownloadError, EngineError
+from kgen_cli.paths import kgen_home
+from kgen_cli.registry import (
+    LOCAL_QUANT_TYPES,
+    QUANTIZABLE_SOURCES,
+    ModelSpec,
+    Registry,
+    derive_quantized,
+    user_registry_path,
+)
+
+VERIFIED_FILE = "verified.json"
+LOCAL_FILES_FILE = "local-files.json"
+QUANTIZED_DIR = "quantized"
+_CHUNK = 1 << 20
+
+
+# huggingface_hub takes a noticeable time to import (httpx and friends), so it is imported on
+# first use only. These module-level proxies are also the seam tests patch
+# (`kgen_cli.download.hf_hub_download`).
+def hf_hub_download(**kwargs: Any) -> str:
+    from huggingface_hub import hf_hub_download as impl
+
+    return impl(**kwargs)
+
+
+def try_to_load_from_cache(**kwargs: Any) -> Any:
+    from huggingface_hub import try_to_load_from_cache as impl
+
+    return impl(**kwargs)
+
+
+def is_offline() -> bool:
+    """huggingface_hub's offline switch (`HF_HUB_OFFLINE`, read once when it is imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hf_cache_dir() -> str | None:
+    """`HF_HUB_CACHE` as set now, else None (huggingface_hub's own default from HF_HOME).
+    Read per call: huggingface_hub reads it once at import."""
+    value = os.environ.get("HF_HUB_CACHE")
+    return os.path.expanduser(os.path.expandvars(value)) if value else None
+
+
+# --- lookup without network ---------------------------------------------------------------------
+
+
+def quantized_path(spec: ModelSpec) -> Path:
+    """Where the `NAME@QTYPE` variant is (or will be) kept."""
+    if spec.source is None:
+        raise ValueError(f"{spec.name} is not a local quantisation")
+    return kgen_home(create=False) / QUANTIZED_DIR / f"{spec.source.name}-{spec.quant}.gguf"
+
+
+def local_path(spec: ModelSpec, *, verify: bool = True) -> Path | None:
+    """The model's file if it is on disk (never touches the network), else None.
+
+    Looks at kgen's quantised outputs, files kgen downloaded with `--local-dir`, then the HF cache.
+    With `verify`, a file that fails its registry size/sha256 raises DownloadError (hashed once,
+    then remembered)."""
+    if spec.source is not None:
+        path = quantized_path(spec)
+        return path if path.is_file() else None
+    path = _recorded_local_file(spec) or _cached_file(spec)
+    if path is not None and verify:
+        _check_file(spec, path, delete_bad=False)
+    return path
+
+
+def local_quantized(registry: Registry) -> list[ModelSpec]:
+    """The `NAME@QTYPE` variants present in `<kgen home>/quantized/`, in registry order."""
+    folder = kgen_home(create=False) / QUANTIZED_DIR
+    if not folder.is_dir():
+        return []
+    present = {p.name for p in folder.glob("*.gguf")}
+    found = []
+    for spec in registry:
+        if spec.quant not in QUANTIZABLE_SOURCES:
+            continue
+        for qtype in LOCAL_QUANT_TYPES:
+            if f"{spec.name}-{qtype}.gguf" in present:
+                found.append(derive_quantized(spec, qtype))
+    return found
+
+
+def _cached_file(spec: ModelSpec) -> Path | None:
+    try:
+        found = try_to_load_from_cache(repo_id=spec.repo, filename=spec.file, cache_dir=hf_cache_dir())
+    except (ValueError, OSError):  # an unusable cache dir or repo id: not cached
+        return None
+    # A str is a path; None or the _CACHED_NO_EXIST sentinel mean "not here".
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def _recorded_local_file(spec: ModelSpec) -> Path | None:
+    entry = _read_state(LOCAL_FILES_FILE).get(spec.name)
+    if not isinstance(entry, dict) or entry.get("repo") != spec.repo or entry.get("file") != spec.file:
+        return None
+    path = Path(str(entry.get("path", "")))
+    return path if path.is_file() else None
+
+
+# --- downloads ----------------------------------------------------------------------------------
+
+
+def download(
+    spec: ModelSpec,
+    *,
+    local_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    quant: str | None = None,
+    offline: bool | None = None,
+) -> Path:
+    """Fetch the model's GGUF from the hub (into the HF cache, or `local_dir`), check it, return it.
+
+    `quant` (or a `NAME@QTYPE` spec) quantises an F16 model locally after fetching it; `force` then
+    quantises again (the F16 is fetched as usual). `offline` defaults to HF_HUB_OFFLINE: only a
+    file already on disk is returned."""
+    if quant is not None:
+        spec = derive_quantized(spec, quant)
+    if offline is None:
+        offline = is_offline()
+    if spec.source is not None:
+        return _quantize_locally(spec, local_dir=local_dir, force=force, quiet=quiet, offline=offline)
+    return _fetch(spec, local_dir=local_dir, force=force, quiet=quiet, offline=offline)
+
+
+def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: bool, quiet: bool,
+           offline: bool) -> Path:  # fmt: skip
+    kwargs: dict[str, Any] = {"repo_id": spec.repo, "filename": spec.file}
+    if local_dir is not None:
+        kwargs["local_dir"] = str(Path(local_dir).expanduser())
+    else:
+        kwargs["cache_dir"] = hf_cache_dir()
+    kwargs["force_download"] = force
+    kwargs["local_files_only"] = offline
+    with _progress_bars(enabled=not quiet):
+        try:
+            found = hf_hub_download(**kwargs)
+        except Exception as exc:
+            error = _download_error(spec, exc, offline=offline)
+            if error is None:
+                raise
+            raise error from exc
+    path = Path(found)
+    _check_file(spec, path, delete_bad=True)
+    if local_dir is not None:
+        _record_local_file(spec, path)
+    return path
+
+
+def _download_error(spec: ModelSpec, exc: Exception, *, offline: bool) -> DownloadError | None:
+    """One line for each hub failure; None for anything that is not a download problem."""
+    from huggingface_hub import errors
+
+    what = f"{spec.repo}/{spec.file}"
+    detail = " ".join(str(exc).split())[:300]
+    override = f"override the entry in {user_registry_path()}"
+    # Order matters: LocalEntryNotFoundError and RemoteEntryNotFoundError are EntryNotFoundErrors,
+    # GatedRepoError is a RepositoryNotFoundError, and most of them are HfHubHTTPError/OSError.
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        if offline:
+            return DownloadError(f"{spec.name}: {what} is not downloaded and HF_HUB_OFFLINE is set",
+                                 hint="unset HF_HUB_OFFLINE to download it")  # fmt: skip
+        return DownloadError(f"{spec.name}: cannot reach the Hugging Face hub and {what} is not cached",
+                             hint="check the network connection (or HF_ENDPOINT)")  # fmt: skip
+    if isinstance(exc, errors.GatedRepoError):
+        return DownloadError(f"{spec.name}: {spec.repo} is gated on the hub",
+                             hint="accept its terms on huggingface.co, then `hf auth login` or set HF_TOKEN")  # fmt: skip
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return DownloadError(f"{spec.name}: repository {spec.repo} not found on the hub",
+                             hint=f"check its 'repo' ({override})")  # fmt: skip
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return DownloadError(f"{spec.name}: revision not found in {spec.repo}: {detail}")
+    if isinstance(exc, errors.EntryNotFoundError):
+        return DownloadError(f"{spec.name}: {spec.file} not found in {spec.repo}",
+                             hint=f"check its 'file' ({override})")  # fmt: skip
+    if isinstance(exc, errors.HfHubHTTPError):
+        return DownloadError(f"{spec.name}: download of {what} failed: {detail}")
+    if isinstance(exc, (errors.HFValidationError, OSError)):
+        return DownloadError(f"{spec.name}: download of {what} failed: {detail}")
+    return None
+
+
+@contextmanager
+def _progress_bars(*, enabled: bool) -> Iterator[None]:
+    """Turn huggingface_hub's bars off for the block (`--quiet`); HF_HUB_DISABLE_PROGRESS_BARS
+    is honoured by huggingface_hub itself either way."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    already = are_progress_bars_disabled()
+    with warnings.catch_warnings():  # HF_HUB_DISABLE_PROGRESS_BARS=0 wins and would warn
+        warnings.simplefilter("ignore")
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not already:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable_progress_bars()
+
+
+def _quantize_locally(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: bool, quiet: bool,
+                      offline: bool) -> Path:  # fmt: skip
+    assert spec.source is not None
+    target = quantized_path(spec)
+    if target.is_file() and not force:
+        return target
+    source = _fetch(spec.source, local_dir=local_dir, force=False, quiet=quiet, offline=offline)
+    try:
+        from kgen_cli.engine import quantize_model  # imports llama_cpp
+    except ImportError as exc:
+        raise EngineError(f"cannot quantise {spec.source.name}: {exc}",
+                          hint="local quantisation needs llama-cpp-python (pip install -e .)") from exc  # fmt: skip
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    if not quiet:
+        err_console.print(f"quantising {spec.source.name} to {spec.quant}: {target}", markup=False, highlight=False)
+    try:
+        quantize_model(source, partial, spec.quant)
+        if not partial.is_file():
+            raise EngineError(f"quantising {spec.source.name} to {spec.quant} produced no file")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+# --- size / sha256 checks -----------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_file(spec: ModelSpec, path: Path, *, delete_bad: bool) -> None:
+    """Compare the file with the registry's size and sha256 (when known). A downloaded file that
+    fails is deleted (`delete_bad`); one found on disk is refused."""
+    if spec.size is None and spec.sha256 is None:
+        return
+    real = path.resolve()
+    try:
+        stat = real.stat()
+    except OSError as exc:
+        raise DownloadError(f"{spec.name}: cannot read {path}: {exc.strerror}") from exc
+    problem = None
+    if spec.size is not None and stat.st_size != spec.size:
+        problem = f"is {stat.st_size} bytes, expected {spec.size}"
+    elif spec.sha256 is not None and not _is_verified(real, stat, spec.sha256):
+        digest = file_sha256(real)
+        if digest != spec.sha256:
+            problem = f"has sha256 {digest}, expected {spec.sha256}"
+        else:
+            _mark_verified(real, stat, spec.sha256)
+    if problem is None:
+        return
+    if delete_bad:
+        real.unlink(missing_ok=True)
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{spec.name}: the downloaded {spec.file} {problem}; it was deleted",
+            hint=f"download it again; if it fails again, the registry is wrong: override the entry in {user_registry_path()}",
+        )
+    raise DownloadError(f"{spec.name}: {path} {problem}", hint=f"run: kgen models download {spec.name} --force")
+
+
+def _is_verified(real: Path, stat: os.stat_result, sha256: str) -> bool:
+    entry = _read_state(VERIFIED_FILE).get(str(real))
+    return entry == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+
+
+def _mark_verified(real: Path, stat: os.stat_result, sha256: str) -> None:
+    state = _read_state(VERIFIED_FILE)
+    state = {key: value for key, value in state.items() if os.path.exists(key)}  # forget deleted files
+    state[str(real)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    _write_state(VERIFIED_FILE, state)
+
+
+def _record_local_file(spec: ModelSpec, path: Path) -> None:
+    state = _read_state(LOCAL_FILES_FILE)
+    state[spec.name] = {"repo": spec.repo, "file": spec.file, "path": str(path.resolve())}
+    _write_state(LOCAL_FILES_FILE, state)
+
+
+# --- kgen's small state files -------------------------------------------------------------------
+
+
+def _read_state(name: str) -> dict[str, Any]:
+    try:
+        data = json.loads((kgen_home(create=False) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(name: str, data: dict[str, Any]) -> None:
+    """Atomic replace, so a concurrent reader never sees half a file. Losing the write only
+    costs a re-hash later, so failures are ignored."""
+    try:
+        home = kgen_home()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=home)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+        os.replace(tmp, home / name)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)

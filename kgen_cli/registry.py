@@ -1,0 +1,456 @@
+"""The model registry (`models.yaml`) and the one function that turns `--model` into a file.
+
+The packaged `models.yaml` lists every known TIPO/DTG GGUF; `<kgen home>/models.yaml` adds or
+replaces entries by name and may change the default. Both are validated strictly: a typo is an
+error that names the file and the entry, never a silently ignored key.
+
+`--model` accepts three spellings:
+
+- a registry name: `tipo-500m-q8_0`;
+- a registry name with `@QTYPE`: `tipo-500m-ft@Q8_0`, the F16 model quantised locally by
+  `kgen models download tipo-500m-ft --quant Q8_0` (same as `kgen models download tipo-500m-ft@Q8_0`);
+- a path to a local `.gguf` file (`--family` says how to prompt it, else the file name does).
+
+Import-light: yaml and huggingface_hub are imported only when a registry is loaded or a file looked up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kgen_cli.errors import ModelNotFoundError, RegistryError, UsageError
+from kgen_cli.paths import kgen_home
+
+FAMILIES = ("tipo", "dtg")
+REGISTRY_FILE = "models.yaml"
+# kgen's default n_ctx is min(context_length, N_CTX_CAP).
+N_CTX_CAP = 2048
+# Quantisation types kgen can make locally from an F16 (or BF16/F32) GGUF: engine.QUANT_TYPES less
+# the float types (kept here so that parsing NAME@QTYPE does not import the engine). The smaller
+# i-quants are left out: they need an importance matrix.
+LOCAL_QUANT_TYPES = (
+    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
+)  # fmt: skip
+QUANTIZABLE_SOURCES = ("F16", "BF16", "F32")
+QUANT_SEPARATOR = "@"
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_QUANT_RE = re.compile(r"[A-Z0-9][A-Z0-9_]*")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry. `source` is set only for a locally quantised variant (`NAME@QTYPE`):
+    then `repo`/`file` are the source's hub file and `quant` is the local target type."""
+
+    name: str
+    family: str
+    repo: str
+    file: str
+    quant: str
+    context_length: int
+    quality_line: bool = False
+    size: int | None = None
+    sha256: str | None = None
+    description: str | None = None
+    base: str | None = None
+    source: ModelSpec | None = None
+
+    @property
+    def n_ctx(self) -> int:
+        """kgen's default context size for this model."""
+        return min(self.context_length, N_CTX_CAP)
+
+    @property
+    def is_local_quant(self) -> bool:
+        return self.source is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "name": self.name,
+            "family": self.family,
+            "repo": self.repo,
+            "file": self.file,
+            "quant": self.quant,
+            "size": self.size,
+            "sha256": self.sha256,
+            "context_length": self.context_length,
+            "n_ctx": self.n_ctx,
+            "quality_line": self.quality_line,
+            "description": self.description,
+            "base": self.base,
+        }
+        if self.source is not None:
+            data["quantized_locally_from"] = self.source.name
+        return data
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What `--model` came to: a display name, the GGUF (None only from `registry_spec_only` for a
+    registry model), the prompt family, the registry entry (None for a local path) and whether the
+    DTG prompt carries a `quality:` line."""
+
+    name: str
+    path: Path | None
+    family: str
+    spec: ModelSpec | None
+    quality_line: bool
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's trained context from the registry; None for a local file (the GGUF says)."""
+        return self.spec.context_length if self.spec is not None else None
+
+    @property
+    def n_ctx(self) -> int | None:
+        """kgen's default context size for a registry model: min(context_length, 2048)."""
+        return self.spec.n_ctx if self.spec is not None else None
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+# key -> (type, required)
+_FIELDS: dict[str, tuple[type, bool]] = {
+    "name": (str, True),
+    "family": (str, True),
+    "repo": (str, True),
+    "file": (str, True),
+    "quant": (str, True),
+    "context_length": (int, True),
+    "quality_line": (bool, False),
+    "size": (int, False),
+    "sha256": (str, False),
+    "description": (str, False),
+    "base": (str, False),
+}
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
+_TOP_LEVEL = ("default", "models")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The merged registry: entries in file order (packaged first, then the user's additions)."""
+
+    models: Mapping[str, ModelSpec]
+    default: str  # the default model's name
+    sources: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self.models.values())
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.models
+
+    @property
+    def default_spec(self) -> ModelSpec:
+        return self.models[self.default]
+
+    def get(self, name: str) -> ModelSpec:
+        """The entry called `name`, or its locally quantised variant for `NAME@QTYPE`."""
+        base_name, sep, qtype = name.partition(QUANT_SEPARATOR)
+        spec = self.models.get(base_name)
+        if spec is None:
+            raise ModelNotFoundError(f"unknown model '{base_name}'{_did_you_mean(base_name, self.models)}",
+                                     hint="see: kgen models list")  # fmt: skip
+        if sep:
+            return derive_quantized(spec, qtype)
+        return spec
+
+
+def derive_quantized(spec: ModelSpec, qtype: str) -> ModelSpec:
+    """The `NAME@QTYPE` variant of an F16/BF16/F32 registry model, quantised locally by kgen."""
+    if spec.source is not None:
+        raise UsageError(f"'{spec.name}' is already a local quantisation")
+    target = qtype.strip().upper()
+    if target not in LOCAL_QUANT_TYPES:
+        raise UsageError(f"unknown quantisation type '{qtype}'", hint=f"choose one of {', '.join(LOCAL_QUANT_TYPES)}")
+    if spec.quant.upper() not in QUANTIZABLE_SOURCES:
+        raise UsageError(
+            f"'{spec.name}' is already quantised ({spec.quant}); kgen quantises only F16/BF16/F32 models",
+            hint="pick an F16 model such as tipo-500m-ft",
+        )
+    return replace(
+        spec,
+        name=f"{spec.name}{QUANT_SEPARATOR}{target}",
+        quant=target,
+        size=None,
+        sha256=None,
+        base=spec.name,
+        description=f"{spec.name} quantised locally to {target}",
+        source=spec,
+    )
+
+
+def packaged_registry() -> tuple[str, str]:
+    """(display path, text) of the packaged models.yaml: inside the wheel, else the repository
+    root next to the package (editable or source install)."""
+    from importlib.resources import files
+
+    resource = files("kgen_cli").joinpath(REGISTRY_FILE)
+    if resource.is_file():
+        return str(resource), resource.read_text(encoding="utf-8")
+    source_tree = Path(__file__).resolve().parent.parent / REGISTRY_FILE
+    try:
+        return str(source_tree), source_tree.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"the packaged {REGISTRY_FILE} is missing ({exc.strerror})",
+                            hint="reinstall kgen-cli") from exc  # fmt: skip
+
+
+def user_registry_path() -> Path:
+    return kgen_home(create=False) / REGISTRY_FILE
+
+
+def load_registry() -> Registry:
+    """The packaged registry merged with `<kgen home>/models.yaml`, validated."""
+    where, text = packaged_registry()
+    default, entries = _parse(where, text, require_models=True)
+    models = {spec.name: spec for spec in entries}
+    sources = [where]
+
+    user = user_registry_path()
+    if user.is_file():
+        try:
+            user_text = user.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{user}: cannot be read ({exc})") from exc
+        user_default, user_entries = _parse(str(user), user_text, require_models=False)
+        for spec in user_entries:
+            models[spec.name] = spec  # same name: the user's entry replaces the packaged one
+        default = user_default or default
+        where = str(user)
+        sources.append(where)
+
+    for spec in models.values():
+        if spec.base is not None and spec.base not in models:
+            raise RegistryError(f"{where}: entry '{spec.name}': base '{spec.base}' is not a registry model"
+                                f"{_did_you_mean(spec.base, models)}")  # fmt: skip
+    if default is None:
+        raise RegistryError(f"{where}: no 'default' model")
+    if default not in models:
+        raise RegistryError(f"{where}: default '{default}' is not a registry model{_did_you_mean(default, models)}")
+    return Registry(models=models, default=default, sources=tuple(sources))
+
+
+def _parse(where: str, text: str, *, require_models: bool) -> tuple[str | None, list[ModelSpec]]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RegistryError(f"{where}: invalid YAML{at}: {problem}") from exc
+    if data is None and not require_models:
+        return None, []
+    if not isinstance(data, dict):
+        raise RegistryError(f"{where}: expected a mapping with 'default' and 'models'")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise RegistryError(f"{where}: unknown top-level key '{key}'{_did_you_mean(str(key), _TOP_LEVEL)}")
+
+    default = data.get("default")
+    if default is not None and not isinstance(default, str):
+        raise RegistryError(f"{where}: 'default' must be a model name")
+    raw_models = data.get("models")
+    if raw_models is None:
+        if require_models:
+            raise RegistryError(f"{where}: missing 'models'")
+        raw_models = []
+    if not isinstance(raw_models, list):
+        raise RegistryError(f"{where}: 'models' must be a list of entries")
+
+    specs: list[ModelSpec] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_models, start=1):
+        spec = _parse_entry(where, index, raw)
+        if spec.name in seen:
+            raise RegistryError(f"{where}: entry '{spec.name}': duplicate name")
+        seen.add(spec.name)
+        specs.append(spec)
+    return default, specs
+
+
+def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
+    label = f"entry #{index}"
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        label = f"entry '{raw['name']}'"
+
+    def fail(problem: str) -> RegistryError:
+        return RegistryError(f"{where}: {label}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise fail("expected a mapping of keys")
+    for key in raw:
+        if key not in _FIELDS:
+            raise fail(f"unknown key '{key}'{_did_you_mean(str(key), _FIELDS)}")
+    for key, (kind, required) in _FIELDS.items():
+        if key not in raw:
+            if required:
+                raise fail(f"missing key '{key}'")
+            continue
+        value = raw[key]
+        # bool is an int in Python; `size: true` must not pass as 1.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise fail(f"'{key}' must be {_TYPE_WORDS[kind]}, not {_yaml_type(value)}")
+
+    name, family, repo, file, quant = (raw[k] for k in ("name", "family", "repo", "file", "quant"))
+    if not _NAME_RE.fullmatch(name):
+        raise fail("'name' must be lower-case letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+    if family not in FAMILIES:
+        raise fail(f"'family' must be one of {', '.join(FAMILIES)}, not '{family}'")
+    if not _REPO_RE.fullmatch(repo):
+        raise fail(f"'repo' must look like owner/name, not '{repo}'")
+    if not file.lower().endswith(".gguf"):
+        raise fail(f"'file' must be a .gguf file, not '{file}'")
+    if not _QUANT_RE.fullmatch(quant):
+        raise fail(f"'quant' must be an upper-case llama.cpp type such as F16 or Q8_0, not '{quant}'")
+    if raw["context_length"] <= 0:
+        raise fail("'context_length' must be positive")
+    if raw.get("size") is not None and raw["size"] <= 0:
+        raise fail("'size' must be a positive number of bytes")
+    sha256 = raw.get("sha256")
+    if sha256 is not None:
+        sha256 = sha256.strip().lower()
+        if not _SHA256_RE.fullmatch(sha256):
+            raise fail("'sha256' must be 64 hexadecimal digits")
+    quality_line = raw.get("quality_line", False)
+    if quality_line and family != "dtg":
+        raise fail("'quality_line' applies to dtg models only")
+
+    return ModelSpec(
+        name=name,
+        family=family,
+        repo=repo,
+        file=file,
+        quant=quant,
+        context_length=raw["context_length"],
+        quality_line=quality_line,
+        size=raw.get("size"),
+        sha256=sha256,
+        description=raw.get("description"),
+        base=raw.get("base"),
+    )
+
+
+def _yaml_type(value: object) -> str:
+    if value is None:
+        return "empty"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# --- --model resolution -------------------------------------------------------------------------
+
+
+def resolve_model(model: str | None, family: str | None, *, download_missing: bool = False) -> ResolvedModel:
+    """`--model`/`--family` to a GGUF on disk. `model` is a registry name (None: the default),
+    `NAME@QTYPE`, or a path to a local .gguf. A registry model that is not on disk raises
+    ModelNotFoundError with the `kgen models download` hint, unless `download_missing` fetches it
+    (never with HF_HUB_OFFLINE set)."""
+    return _resolve(model, family, need_file=True, download_missing=download_missing)
+
+
+def registry_spec_only(model: str | None, family: str | None) -> ResolvedModel:
+    """Like `resolve_model`, but never looks for or fetches the file (for `--show-prompt`):
+    a registry model comes back with `path=None`; a local path is not checked."""
+    return _resolve(model, family, need_file=False, download_missing=False)
+
+
+def guess_family(path: Path) -> str | None:
+    """tipo/dtg from a file name, as the peers name their files; None when it says neither."""
+    lowered = path.name.lower()
+    if "dtg" in lowered or "dantaggen" in lowered:
+        return "dtg"
+    if "tipo" in lowered:
+        return "tipo"
+    return None
+
+
+def looks_like_path(model: str) -> bool:
+    """Registry names never hold a path separator nor end in .gguf."""
+    return model.lower().endswith(".gguf") or "/" in model or os.sep in model
+
+
+def _check_family(family: str | None) -> str | None:
+    if family is None:
+        return None
+    lowered = family.strip().lower()
+    if lowered not in FAMILIES:
+        raise UsageError(f"unknown family '{family}'", hint=f"use --family {' or --family '.join(FAMILIES)}")
+    return lowered
+
+
+def _resolve(model: str | None, family: str | None, *, need_file: bool, download_missing: bool) -> ResolvedModel:
+    family = _check_family(family)
+    if model is not None and looks_like_path(model):
+        return _resolve_path(model, family, need_file=need_file)
+
+    registry = load_registry()
+    spec = registry.default_spec if model is None else registry.get(model.strip())
+    chosen = family or spec.family
+    resolved = ResolvedModel(
+        name=spec.name,
+        path=None,
+        family=chosen,
+        spec=spec,
+        quality_line=spec.quality_line and chosen == "dtg",
+    )
+    if not need_file:
+        return resolved
+
+    from kgen_cli import download as dl
+
+    path = dl.local_path(spec)
+    if path is None:
+        if download_missing and not dl.is_offline():
+            path = dl.download(spec)
+        else:
+            raise not_downloaded(spec.name)
+    return replace(resolved, path=path)
+
+
+def not_downloaded(name: str) -> ModelNotFoundError:
+    from kgen_cli import download as dl
+
+    hint = f"run: kgen models download {name}"
+    if dl.is_offline():
+        hint = f"HF_HUB_OFFLINE is set; unset it, then {hint}"
+    return ModelNotFoundError(f"model '{name}' is not downloaded", hint=hint)
+
+
+def _resolve_path(model: str, family: str | None, *, need_file: bool) -> ResolvedModel:
+    path = Path(model).expanduser()
+    if need_file:
+        if not path.exists():
+            raise ModelNotFoundError(f"no such model file: {model}")
+        if not path.is_file():
+            raise ModelNotFoundError(f"not a file: {model}")
+        path = path.resolve()
+    chosen = family or guess_family(path)
+    if chosen is None:
+        raise UsageError(f"cannot tell the model family from the file name '{path.name}'",
+                         hint="pass --family tipo or --family dtg")  # fmt: skip
+    # The peers name DTG files <repo>_<file>: only the delta models have the quality line.
+    quality_line = chosen == "dtg" and "delta" in path.name.lower()
+    return ResolvedModel(name=str(path), path=path, family=chosen, spec=None, quality_line=quality_line)

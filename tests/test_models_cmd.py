@@ -1,0 +1,236 @@
+"""`kgen models list | download | path`: stdout purity, --json, exit codes (CliRunner, main(), a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+from typer.testing import CliRunner
+
+from kgen_cli.cli import app, main
+from kgen_cli.errors import ModelNotFoundError, RegistryError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The console-script entry point with its error funnel: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+@pytest.fixture
+def cached(tmp_path):
+    """Pretend the HF cache holds dtg-delta-q6_k's file (and nothing else)."""
+    gguf = tmp_path / "ggml-model-Q6_K.gguf"
+    gguf.write_bytes(b"GGUF" * 10)
+
+    def lookup(*, repo_id, filename, cache_dir):
+        return str(gguf) if (repo_id, filename) == ("KBlueLeaf/DanTagGen-delta", "ggml-model-Q6_K.gguf") else None
+
+    with patch("kgen_cli.download.try_to_load_from_cache", side_effect=lookup):
+        yield gguf
+
+
+# --- list ---------------------------------------------------------------------------------------
+
+
+def test_list_piped_is_tab_separated_lines(cached):
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 33
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines}
+    assert all(len(row) == 6 for row in rows.values())
+    assert rows["tipo-500m-q8_0"] == ["tipo-500m-q8_0", "tipo", "Q8_0", "540629120", "no", "yes"]
+    assert rows["dtg-delta-q6_k"] == ["dtg-delta-q6_k", "dtg", "Q6_K", "40", "yes", "no"]  # size on disk
+    assert rows["tipo-100m"] == ["tipo-100m", "tipo", "F16", "-", "no", "no"]
+    assert [row[5] for row in rows.values()].count("yes") == 1
+
+
+def test_list_json(cached):
+    result = runner.invoke(app, ["models", "list", "--json"])
+    assert result.exit_code == 0 and result.stderr == ""
+    models = {m["name"]: m for m in json.loads(result.stdout)}
+    assert len(models) == 33
+    assert models["dtg-delta-q6_k"]["downloaded"] is True
+    assert models["dtg-delta-q6_k"]["path"] == str(cached)
+    assert models["dtg-delta-q6_k"]["quality_line"] is True
+    default = models["tipo-500m-q8_0"]
+    assert default["default"] is True and default["downloaded"] is False and default["path"] is None
+    assert default["sha256"].startswith("f8882cda") and default["n_ctx"] == 1024 and default["base"] == "tipo-500m"
+    assert sum(m["default"] for m in models.values()) == 1
+
+
+def test_list_in_a_terminal_is_a_table(cached):
+    with patch("kgen_cli.commands.models.stdout_is_tty", return_value=True):
+        result = runner.invoke(app, ["models", "list"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0 and result.stderr == ""
+    assert "Downloaded" in result.stdout and "\t" not in result.stdout
+    assert "tipo-500m-q8_0 *" in result.stdout and "* default" in result.stdout
+    assert "540.6 MB" in result.stdout
+
+
+def test_list_shows_local_quantisations(isolated_home, cached):
+    (isolated_home / "quantized").mkdir()
+    (isolated_home / "quantized" / "tipo-500m-ft-Q4_K_M.gguf").write_bytes(b"GGUF")
+    (isolated_home / "quantized" / "tipo-500m-q8_0-Q4_K_M.gguf").write_bytes(b"GGUF")  # not kgen's: ignored
+    lines = runner.invoke(app, ["models", "list"]).stdout.splitlines()
+    assert lines[-1] == "tipo-500m-ft@Q4_K_M\ttipo\tQ4_K_M\t4\tyes\tno"
+
+
+def test_list_with_a_malformed_user_registry_exits_2_with_one_line(isolated_home, capsys):
+    (isolated_home / "models.yaml").write_text("models:\n- name: tipo-x\n  famly: tipo\n")
+    code, out, err = run_main(capsys, "models", "list")
+    assert code == 2 and out == ""
+    assert err == f"Error: {isolated_home / 'models.yaml'}: entry 'tipo-x': unknown key 'famly' (did you mean 'family'?)\n"
+    assert isinstance(runner.invoke(app, ["models", "list"]).exception, RegistryError)
+
+
+# --- path ---------------------------------------------------------------------------------------
+
+
+def test_path_of_a_downloaded_model(cached):
+    result = runner.invoke(app, ["models", "path", "dtg-delta-q6_k"])
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout == f"{cached}\n"
+
+
+def test_path_of_a_model_not_downloaded_fails_with_the_hint(cached, capsys):
+    result = runner.invoke(app, ["models", "path", "dtg-beta-q8_0"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert isinstance(result.exception, ModelNotFoundError)
+    code, out, err = run_main(capsys, "models", "path", "dtg-beta-q8_0")
+    assert (code, out) == (1, "")
+    assert err == "Error: model 'dtg-beta-q8_0' is not downloaded (run: kgen models download dtg-beta-q8_0)\n"
+
+
+def test_path_without_a_name_is_the_default(cached, capsys):
+    code, _, err = run_main(capsys, "models", "path")
+    assert code == 1 and "tipo-500m-q8_0" in err
+
+
+def test_path_of_an_unknown_model_exits_1_with_one_line(capsys):
+    code, out, err = run_main(capsys, "models", "path", "dtg-delta-rev3-q6_k")
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1
+    assert err.startswith("Error: unknown model 'dtg-delta-rev3-q6_k' (did you mean 'dtg-delta-rev2-q6_k'?)")
+
+
+def test_path_of_a_local_quantisation(isolated_home):
+    target = isolated_home / "quantized" / "dtg-gamma-f16-Q5_K_M.gguf"
+    target.parent.mkdir()
+    target.write_bytes(b"GGUF")
+    result = runner.invoke(app, ["models", "path", "dtg-gamma-f16@q5_k_m"])
+    assert result.exit_code == 0 and result.stdout == f"{target}\n"
+
+
+# --- download -----------------------------------------------------------------------------------
+
+
+def test_download_prints_only_the_path_on_stdout(tmp_path):
+    gguf = tmp_path / "ggml-model-Q8_0.gguf"
+
+    def fake(**kwargs):
+        gguf.write_bytes(b"GGUF")
+        return str(gguf)
+
+    with patch("kgen_cli.download.hf_hub_download", side_effect=fake) as hub:
+        result = runner.invoke(app, ["models", "download", "dtg-gamma-q8_0", "-q", "--force"])
+    assert result.exit_code == 0, result.output
+    assert (result.stdout, result.stderr) == (f"{gguf}\n", "")
+    hub.assert_called_once_with(repo_id="KBlueLeaf/DanTagGen-gamma", filename="ggml-model-Q8_0.gguf",
+                                cache_dir=os.environ["HF_HUB_CACHE"], force_download=True,
+                                local_files_only=False)  # fmt: skip
+
+
+def test_download_local_dir(tmp_path):
+    def fake(**kwargs):
+        target = Path(kwargs["local_dir"]) / kwargs["filename"]
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"GGUF")
+        return str(target)
+
+    with patch("kgen_cli.download.hf_hub_download", side_effect=fake) as hub:
+        result = runner.invoke(app, ["models", "download", "tipo-100m", "--local-dir", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert hub.call_args.kwargs["local_dir"] == str(tmp_path / "m")
+    assert result.stdout == f"{tmp_path / 'm' / 'TIPO-100M-F16.gguf'}\n"
+
+
+def test_download_quant_quantises_locally(tmp_path, isolated_home, monkeypatch):
+    f16 = tmp_path / "TIPO-200M-ft-F16.gguf"
+    f16.write_bytes(b"GGUF f16")
+    monkeypatch.setattr("kgen_cli.engine.quantize_model",
+                        lambda src, dst, qtype: Path(dst).write_bytes(b"GGUF " + qtype.encode()))  # fmt: skip
+    with patch("kgen_cli.download.hf_hub_download", return_value=str(f16)):
+        result = runner.invoke(app, ["models", "download", "tipo-200m-ft", "--quant", "q6_k"])
+        same = runner.invoke(app, ["models", "download", "tipo-200m-ft@Q6_K", "--quant", "Q6_K"])
+    target = isolated_home / "quantized" / "tipo-200m-ft-Q6_K.gguf"
+    assert result.exit_code == 0, result.output
+    assert result.stdout == same.stdout == f"{target}\n"
+    assert "quantising tipo-200m-ft to Q6_K" in result.stderr
+    assert runner.invoke(app, ["models", "path", "tipo-200m-ft@Q6_K"]).stdout == f"{target}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tipo-200m-ft@Q6_K", "--quant", "Q8_0"], "'tipo-200m-ft@Q6_K' and --quant Q8_0 disagree"),
+        (["tipo-500m-q8_0", "--quant", "Q4_K_M"], "'tipo-500m-q8_0' is already quantised (Q8_0)"),
+        (["tipo-100m", "--quant", "Q7"], "unknown quantisation type 'Q7'"),
+        (["./my.gguf"], "'./my.gguf' is a file path; this command takes a registry name"),
+    ],
+)
+def test_download_usage_errors_exit_2(capsys, args, message):
+    with patch("kgen_cli.download.hf_hub_download", side_effect=AssertionError("no download")):
+        code, out, err = run_main(capsys, "models", "download", *args)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"Error: {message}") and err.count("\n") == 1
+
+
+def test_download_offline_not_cached_exits_1(capsys):
+    from huggingface_hub import errors
+
+    with patch("huggingface_hub.constants.HF_HUB_OFFLINE", True), \
+         patch("kgen_cli.download.hf_hub_download", side_effect=errors.LocalEntryNotFoundError("not cached")):  # fmt: skip
+        code, out, err = run_main(capsys, "models", "download", "dtg-beta-q6_k")
+    assert (code, out) == (1, "")
+    assert err == ("Error: dtg-beta-q6_k: KBlueLeaf/DanTagGen-beta/ggml-model-Q6_K.gguf is not downloaded and "
+                   "HF_HUB_OFFLINE is set (unset HF_HUB_OFFLINE to download it)\n")  # fmt: skip
+
+
+# --- the real console script --------------------------------------------------------------------
+
+
+def _kgen(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KGEN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "kgen_cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=60)  # fmt: skip
+
+
+def test_subprocess_models_list_is_clean_tsv(isolated_home):
+    proc = _kgen("models", "list", home=isolated_home)
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 33
+    assert all(len(line.split("\t")) == 6 for line in lines)
+    assert "tipo-500m-q8_0\ttipo\tQ8_0\t540629120\tno\tyes" in lines
+
+
+def test_subprocess_models_path_not_downloaded_exits_1(isolated_home):
+    proc = _kgen("models", "path", "tipo-100m", home=isolated_home)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == ("Error: model 'tipo-100m' is not downloaded "
+                           "(HF_HUB_OFFLINE is set; unset it, then run: kgen models download tipo-100m)\n")  # fmt: skip
