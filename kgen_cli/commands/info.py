@@ -1,8 +1,71 @@
-"""`kgen info`: llama.cpp build, GPU offload, directories, downloaded models."""
+"""`kgen info`: what this installation can do, for bug reports and GPU set-up."""
 
-from kgen_cli.errors import KgenError
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+
+from kgen_cli import __version__
+from kgen_cli.console import write_result
 
 
-def info() -> None:
-    """Show llama.cpp's version and system info, GPU support, kgen's directories and models."""
-    raise KgenError("kgen info is not implemented yet")
+def collect() -> dict:
+    """Everything `kgen info` reports, as JSON-ready data."""
+    from kgen_cli import download, engine, registry
+    from kgen_cli.paths import kgen_home
+
+    registry_ = registry.load_registry()
+    present = {}
+    for spec in registry_.models.values():
+        path = download.local_path(spec, verify=False)
+        if path is not None:
+            present[spec.name] = str(path)
+    try:
+        from huggingface_hub import constants as hf_constants
+
+        hf_cache = str(hf_constants.HF_HUB_CACHE)
+        offline = bool(hf_constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - a dependency
+        hf_cache, offline = os.environ.get("HF_HUB_CACHE", ""), False
+    return {
+        "kgen": __version__,
+        "llama_cpp": engine.llama_version(),
+        "gpu_offload": engine.gpu_offload_supported(),
+        "devices": engine.devices(),
+        "system_info": engine.system_info(),
+        "kgen_home": str(kgen_home()),
+        "hf_cache": hf_cache,
+        "hf_offline": offline,
+        "default_model": registry_.default,
+        "models_present": present,
+    }
+
+
+def info(
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show llama.cpp's version and system info, GPU offload support and devices, kgen's
+    directories, and which registry models are downloaded."""
+    data = collect()
+    if json_:
+        write_result(json.dumps(data, ensure_ascii=False))
+        return
+    lines = [
+        f"kgen            {data['kgen']}",
+        f"llama.cpp       {data['llama_cpp']}",
+        f"GPU offload     {'yes' if data['gpu_offload'] else 'no (CPU build)'}",
+    ]
+    for dev in data["devices"]:
+        desc = " ".join(str(v) for k, v in dev.items() if k != "name" and v not in ("", None))
+        lines.append(f"  device        {dev.get('name', '?')} {desc}".rstrip())
+    lines += [
+        f"system          {data['system_info'].strip()}",
+        f"kgen home       {data['kgen_home']}",
+        f"HF cache        {data['hf_cache']}" + ("  (offline)" if data["hf_offline"] else ""),
+        f"default model   {data['default_model']}",
+        "models present  " + (", ".join(sorted(data["models_present"])) or "none (kgen models download NAME)"),
+    ]
+    write_result("\n".join(lines))
