@@ -95,6 +95,11 @@ class BranchDecoder(Protocol):
         """Allocate a seq, decode the prompt on it; its last token's logits are pending."""
         ...
 
+    def open(self) -> int:
+        """Allocate an empty seq without decoding (its tokens come with the next `step`, so a
+        new prompt's prefill shares a decode with the sequences already running)."""
+        ...
+
     def fork(self, parent: int, keep: int) -> int:
         """New seq sharing the parent's first `keep` positions (KV copy, no recompute).
         Raises BranchPoolExhausted when the pool is empty."""

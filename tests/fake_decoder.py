@@ -172,6 +172,11 @@ class FakeDecoder:
         self.prompt_tokens += len(tokens)
         return seq
 
+    def open(self) -> int:
+        seq = self._allocate()
+        self._seqs[seq] = _Seq([], [], [])
+        return seq
+
     def fork(self, parent: int, keep: int) -> int:
         src = self._live(parent)
         length = len(src.tokens)

@@ -1,0 +1,1215 @@
+"""The only module in kgen that talks to llama.cpp (through llama-cpp-python's low-level bindings).
+
+`llama_cpp` is imported lazily, on the first call that needs it, so `import kgen_cli.engine` stays
+cheap and `kgen --help` never loads libllama. Everything that could make llama.cpp *abort the
+process* (an out-of-range sequence id in `llama_memory_seq_cp`, sampling a batch row that has no
+logits, `n_seq_max > 256`, a malformed GGUF) is validated here in Python first; see
+shared/reference/LLAMA_CPP.md §6.1.
+
+Layout:
+  1. GGUF header check (pure Python, no llama_cpp needed)
+  2. loading the bindings and routing llama.cpp's log
+  3. `kgen info` helpers and `quantize_model`
+  4. sampler chains
+  5. `Engine`: owns the model, the context and the batch
+  6. `BranchDecoder`: many KV sequences in the Engine's context (fork / free / step / sample)
+  7. `_run_batched`: the one generation loop behind `complete` and `complete_many`
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import math
+import mmap
+import os
+import struct
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from kgen_cli.errors import EngineError, UsageError
+from kgen_cli.sampling import SEED_MAX, Completion, CompletionRequest, SamplingParams
+
+# The decoder protocol's value types live with the tree sampler (pure Python); the engine is its
+# llama.cpp implementation and raises / returns exactly these.
+from kgen_cli.tree import BranchPoolExhausted, Sampled
+
+__all__ = [
+    "BranchDecoder", "BranchPoolExhausted", "Completion", "CompletionRequest", "DecodeCounters", "Engine",
+    "QUANT_TYPES", "Sampled", "Sampler", "bindings_version", "check_gguf", "devices", "gguf_metadata",
+    "gpu_offload_supported", "llama_version", "quantize_model", "sampler_chain", "system_info",
+]  # fmt: skip
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+# llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h): no context can hold more live sequence ids.
+MAX_SEQ = 256
+
+# llama.cpp rounds the context up to a multiple of 256 cells (src/llama-context.cpp:290) *after*
+# clamping n_batch to the unrounded n_ctx; we round first so that n_batch == the real n_ctx.
+_CTX_PAD = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. GGUF header check
+# ---------------------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+
+# Architectures known to the llama.cpp vendored in llama-cpp-python 0.3.36
+# (LLM_ARCH_NAMES in src/llama-arch.cpp; "clip" is left out: it names vision projectors, which
+# are not language models). llama.cpp itself has no API to list them.
+SUPPORTED_ARCHITECTURES = frozenset(
+    """
+    llama llama4 deci falcon grok gpt2 gptj gptneox mpt baichuan starcoder refact bert modern-bert
+    nomic-bert nomic-bert-moe neo-bert jina-bert-v2 jina-bert-v3 eurobert bloom stablelm qwen qwen2
+    qwen2moe qwen2vl qwen3 qwen3moe qwen3next qwen3vl qwen3vlmoe qwen35 qwen35moe qwen4exp phi2
+    phi3 phimoe plamo plamo2 plamo3 codeshell orion internlm2 minicpm minicpm3 gemma gemma2 gemma3
+    gemma3n gemma4 gemma4-assistant gemma-embedding starcoder2 mamba mamba2 maple jamba falcon-h1
+    xverse command-r cohere2 cohere2moe dbrx olmo olmo2 olmoe muse-glimmer openelm arctic deepseek
+    deepseek2 deepseek2-ocr deepseek32 deepseek4 chatglm glm4 glm4moe glm-dsa bitnet t5 t5encoder
+    jais jais2 nemotron nemotron_h nemotron_h_moe exaone exaone4 exaone-moe rwkv6 rwkv6qwen2 rwkv7
+    arwkv7 granite granitemoe granitehybrid graniteswitch granite_swa chameleon wavtokenizer-dec
+    plm bailingmoe bailingmoe2 bailingmoe3 dots1 dots3note arcee afmoe laguna ernie4_5 ernie4_5-moe
+    hunyuan-moe hunyuan-dense hunyuan_vl hy_v3 hy_v4 smollm3 gpt-oss lfm2 lfm2moe dream
+    smallthinker llada llada-moe seed_oss grovemoe apertus minimax-01 hrm_text minimax-m2
+    minimax-m3 cogvlm rnd1 pangu-embedded mistral3 eagle3 dflash mistral4 paddleocr mimo2 step35
+    spark2_5 llama-embed maincoder kimi-linear kimi-k3 glm5-next talkie mellum nanbeige qwen3tts
+    """.split()
+)
+
+# GGUF value types -> struct format of a scalar (GGUF_TYPE_* in ggml/include/gguf.h).
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+# ggml tensor types -> (elements per block, bytes per block), checked against libggml's
+# ggml_blck_size / ggml_type_size in the tests. A type missing here only skips the size check.
+_GGML_TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
+    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),
+    28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+    40: (64, 36), 41: (128, 18), 42: (64, 18),
+}  # fmt: skip
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _GGUFReader:
+    """Sequential little-endian reads over a memory-mapped file; reading past the end raises."""
+
+    def __init__(self, buf: mmap.mmap | bytes):
+        self.buf = buf
+        self.pos = 0
+        self.size = len(buf)
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if n < 0 or start + n > self.size:
+            raise _Truncated
+        self.pos = start + n
+        return start
+
+    def scalar(self, fmt: str) -> Any:
+        start = self.take(struct.calcsize(fmt))
+        return struct.unpack_from(fmt, self.buf, start)[0]
+
+    def string(self) -> bytes:
+        n = self.scalar("<Q")
+        start = self.take(n)
+        return bytes(self.buf[start : start + n])
+
+    def skip_string(self) -> None:
+        self.take(self.scalar("<Q"))
+
+    def value(self, vtype: int, keep: bool) -> Any:
+        if vtype == _GGUF_STRING:
+            if keep:
+                return self.string().decode("utf-8", "replace")
+            self.skip_string()
+            return None
+        if vtype in _GGUF_SCALARS:
+            return self.scalar(_GGUF_SCALARS[vtype])
+        if vtype == _GGUF_ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype == _GGUF_STRING:
+                for _ in range(count):  # tokenizer vocabularies: lengths must be walked one by one
+                    self.skip_string()
+            elif etype in _GGUF_SCALARS:
+                self.take(count * struct.calcsize(_GGUF_SCALARS[etype]))
+            else:
+                raise ValueError(f"unknown GGUF array element type {etype}")
+            return f"<array of {count}>"
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a GGUF file's header in pure Python: the key/value metadata (arrays summarised as
+    "<array of N>") plus "gguf.version", "gguf.tensor_count", "gguf.data_end". Raises EngineError
+    with a one-line reason when the file is missing, not GGUF, or truncated."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"model file not found: {path}")
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 24:
+                raise EngineError(f"{path} is not a GGUF model (file is only {size} bytes)")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse_gguf(path, _GGUFReader(buf))
+    except OSError as exc:
+        raise EngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _parse_gguf(path: Path, r: _GGUFReader) -> dict[str, Any]:
+    if bytes(r.buf[:4]) != GGUF_MAGIC:
+        raise EngineError(f"{path} is not a GGUF model (bad magic {bytes(r.buf[:4])!r})")
+    r.take(4)
+    version = r.scalar("<I")
+    if version not in (2, 3):  # v1 is rejected by llama.cpp too; anything else is not a GGUF we know
+        raise EngineError(f"{path}: unsupported GGUF version {version}")
+    try:
+        n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+        # Each KV / tensor entry takes at least 8 bytes: bogus counts mean a corrupt header.
+        if n_tensors > r.size // 8 or n_kv > r.size // 8:
+            raise EngineError(f"{path}: corrupt GGUF header ({n_kv} keys, {n_tensors} tensors)")
+        meta: dict[str, Any] = {"gguf.version": version, "gguf.tensor_count": n_tensors}
+        for _ in range(n_kv):
+            key = r.string().decode("utf-8", "replace")
+            meta[key] = r.value(r.scalar("<I"), keep=True)
+        data_extent = 0
+        for _ in range(n_tensors):
+            r.skip_string()
+            n_dims = r.scalar("<I")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise EngineError(f"{path}: corrupt GGUF tensor info ({n_dims} dimensions)")
+            n_elems = math.prod(r.scalar("<Q") for _ in range(n_dims))
+            ttype, offset = r.scalar("<I"), r.scalar("<Q")
+            block, type_size = _GGML_TYPE_SIZES.get(ttype, (1, 0))
+            data_extent = max(data_extent, offset + n_elems // block * type_size)
+    except _Truncated:
+        raise EngineError(f"{path}: truncated GGUF file (header ends past {r.size} bytes)") from None
+    except ValueError as exc:
+        raise EngineError(f"{path}: corrupt GGUF header ({exc})") from None
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        alignment = 32
+    # With no tensors there is no (padded) data section at all.
+    data_start = -(-r.pos // alignment) * alignment if n_tensors else r.pos
+    meta["gguf.data_end"] = data_start + data_extent
+    if data_start + data_extent > r.size:
+        raise EngineError(
+            f"{path}: truncated GGUF file ({r.size} bytes, tensor data needs {data_start + data_extent})"
+        )
+    return meta
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """Validate a model file before llama.cpp touches it: it exists, is GGUF, its header and tensor
+    table are complete, and llama.cpp knows its architecture. Raises a one-line EngineError."""
+    meta = gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise EngineError(f"{path}: GGUF has no general.architecture, not a llama.cpp model")
+    if arch == "clip":
+        raise EngineError(f"{path} is a vision projector (architecture 'clip'), not a language model")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise EngineError(f"{path}: architecture '{arch}' is not supported by this llama.cpp build")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Loading the bindings, llama.cpp's log
+# ---------------------------------------------------------------------------------------------
+
+_ll: ModuleType | None = None
+_log_verbose = False
+_log_errors: collections.deque[str] = collections.deque(maxlen=4)  # recent ERROR lines, for messages
+_log_callback: Any = None  # the ctypes callback object; must stay referenced while installed
+
+# enum ggml_log_level in the vendored ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
+# (llama_cpp/_logger.py's comment still shows the older order, with ERROR = 3.)
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5
+_log_last_level = 0
+
+
+def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
+    # Called from C: an exception escaping here would be printed and swallowed, so never raise.
+    global _log_last_level
+    try:
+        msg = text.decode("utf-8", "replace") if text else ""
+        if level == _GGML_LOG_CONT:
+            level = _log_last_level
+            if level == _GGML_LOG_ERROR and _log_errors:
+                _log_errors[-1] = (_log_errors[-1] + " " + msg.strip()).strip()
+        elif level == _GGML_LOG_ERROR and msg.strip():
+            _log_errors.append(msg.strip())
+        _log_last_level = level
+        if _log_verbose:
+            sys.stderr.write(msg)
+    except BaseException:  # noqa: BLE001
+        pass
+
+
+def _llama() -> ModuleType:
+    """Import the bindings once, route llama.cpp's log through `_on_log`, init the backend."""
+    global _ll, _log_callback
+    if _ll is None:
+        try:
+            import llama_cpp.llama_cpp as ll
+        except (ImportError, OSError) as exc:
+            raise EngineError(
+                f"llama-cpp-python could not be loaded: {exc}", hint="pip install llama-cpp-python==0.3.36"
+            ) from exc
+        # Installed after llama_cpp's own import-time callback (llama_cpp/_logger.py), replacing it.
+        _log_callback = ll.llama_log_callback(_on_log)
+        ll.llama_log_set(_log_callback, None)
+        ll.llama_backend_init()
+        _ll = ll
+    return _ll
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show llama.cpp's log on stderr (True) or keep it silent (False). Process-wide."""
+    global _log_verbose
+    _log_verbose = bool(verbose)
+
+
+def _last_error(default: str = "see --verbose for llama.cpp's log") -> str:
+    return _log_errors[-1] if _log_errors else default
+
+
+def _cstr(fn: Callable[..., int], *args: Any, size: int = 256) -> str:
+    """Call a llama.cpp `(…, char * buf, size_t size) -> int` function; grow the buffer if needed."""
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = fn(*args, buf, size)
+        if n < 0:
+            return ""
+        if n < size:
+            return buf.value.decode("utf-8", "replace")
+        size = n + 1
+    return buf.value.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. `kgen info` helpers, quantization
+# ---------------------------------------------------------------------------------------------
+
+
+def llama_version() -> str:
+    """llama.cpp's version string as compiled into libllama (e.g. "0.5.0-dev")."""
+    return _llama().llama_version().decode()
+
+
+def bindings_version() -> str:
+    """The llama-cpp-python version (e.g. "0.3.36")."""
+    _llama()
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
+def system_info() -> str:
+    """llama.cpp's one-line CPU/backend feature summary."""
+    return _llama().llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def gpu_offload_supported() -> bool:
+    return bool(_llama().llama_supports_gpu_offload())
+
+
+_DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+
+
+def devices() -> list[dict]:
+    """ggml backend devices: name, description, type, memory_free / memory_total (bytes)."""
+    _llama()
+    from llama_cpp._ggml import libggml as g  # llama-cpp-python binds none of these; declare them
+
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for name, argtypes, restype in [
+        ("ggml_backend_dev_count", [], sz),
+        ("ggml_backend_dev_get", [sz], vp),
+        ("ggml_backend_dev_name", [vp], ctypes.c_char_p),
+        ("ggml_backend_dev_description", [vp], ctypes.c_char_p),
+        ("ggml_backend_dev_type", [vp], ctypes.c_int),
+        ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+    ]:
+        fn = getattr(g, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        free, total = sz(0), sz(0)
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(
+            {
+                "name": (g.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace"),
+                "description": (g.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+                "type": _DEV_TYPES.get(g.ggml_backend_dev_type(dev), "unknown"),
+                "memory_free": free.value,
+                "memory_total": total.value,
+            }
+        )
+    return out
+
+
+# Quantization types offered by `quantize_model`: the LLAMA_FTYPE_* that need no importance matrix
+# (IQ1/IQ2/IQ3_XXS and Q2_K_S make llama_model_quantize fail without one).
+QUANT_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+    "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
+)  # fmt: skip
+
+
+def _ftype(ll: ModuleType | None, qtype: str) -> int:
+    name = qtype.strip().upper()
+    if name not in QUANT_TYPES:
+        raise UsageError(f"unknown quantization type {qtype!r} (choose from {', '.join(QUANT_TYPES)})")
+    return int(ll.LLAMA_FTYPE_ALL_F32 if name == "F32" else getattr(ll, f"LLAMA_FTYPE_MOSTLY_{name}"))
+
+
+def quantize_model(
+    src: Path, dst: Path, qtype: str, threads: int = 0, *, allow_requantize: bool = False
+) -> None:
+    """Quantize a GGUF with llama_model_quantize into `dst`, atomically (temp file + rename).
+
+    `allow_requantize` permits an already-quantized source (quality loss; llama.cpp refuses by default).
+    """
+    src, dst = Path(src), Path(dst)
+    if qtype.strip().upper() not in QUANT_TYPES:  # before loading libllama
+        _ftype(None, qtype)
+    ll = _llama()
+    ftype = _ftype(ll, qtype)
+    check_gguf(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    params = ll.llama_model_quantize_default_params()
+    params.nthread = max(0, int(threads))
+    params.ftype = ftype
+    params.allow_requantize = bool(allow_requantize)
+    _log_errors.clear()
+    try:
+        rc = ll.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
+        if rc != 0:
+            reason = _last_error()
+            hint = "the source is already quantized; allow requantizing" if "requantiz" in reason else None
+            raise EngineError(f"quantizing {src.name} to {qtype.upper()} failed: {reason}", hint=hint)
+        check_gguf(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Sampler chains
+# ---------------------------------------------------------------------------------------------
+
+_live_samplers = 0  # native chains created and not yet freed (tests check it returns to zero)
+
+
+def live_sampler_count() -> int:
+    return _live_samplers
+
+
+def validate_params(params: SamplingParams, seed: int) -> None:
+    """Reject values llama.cpp would misread (seed 0xFFFFFFFF = random) or that make no sense."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"seed must be an integer in [0, {SEED_MAX}], got {seed!r}")
+    if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) or params.max_tokens <= 0:
+        raise UsageError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
+    if not math.isfinite(params.temperature):
+        raise UsageError(f"temperature must be a finite number, got {params.temperature!r}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise UsageError(f"top_p must be in (0, 1], got {params.top_p!r}")
+    if not 0.0 <= params.min_p <= 1.0:
+        raise UsageError(f"min_p must be in [0, 1], got {params.min_p!r}")
+    if params.top_k < 0:
+        raise UsageError(f"top_k must be >= 0 (0 = off), got {params.top_k!r}")
+    if not (math.isfinite(params.repeat_penalty) and params.repeat_penalty > 0):
+        raise UsageError(f"repeat_penalty must be > 0, got {params.repeat_penalty!r}")
+    if params.penalty_last_n < 0:  # llama.cpp's sampler reads -1 as 0 (off), not "whole context"
+        raise UsageError(f"penalty_last_n must be >= 0, got {params.penalty_last_n!r}")
+
+
+def sampler_chain(params: SamplingParams, seed: int, *, n_vocab: int = 0) -> Any:
+    """Build the C chain penalties -> top_k -> top_p -> min_p -> temp -> dist(seed) (stages that
+    are disabled are left out; temperature <= 0 is greedy). Returns the raw `llama_sampler *`;
+    the caller frees it with `free_sampler_chain`. The chain owns the samplers added to it."""
+    global _live_samplers
+    ll = _llama()
+    validate_params(params, seed)
+    chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+    if not chain:
+        raise EngineError("llama.cpp could not create a sampler chain")
+    _live_samplers += 1
+
+    def add(stage: Any) -> None:
+        ll.llama_sampler_chain_add(chain, stage)  # the chain now owns (and will free) the stage
+
+    if params.repeat_penalty != 1.0:
+        # Only generated tokens enter the penalty window, as in Llama.create_completion.
+        add(ll.llama_sampler_init_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty, 0.0, 0.0))
+    if params.temperature <= 0.0:
+        add(ll.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        add(ll.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        add(ll.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        add(ll.llama_sampler_init_min_p(params.min_p, 1))
+    add(ll.llama_sampler_init_temp(params.temperature))
+    add(ll.llama_sampler_init_dist(seed))
+    return chain
+
+
+def free_sampler_chain(chain: Any) -> None:
+    global _live_samplers
+    if chain:
+        _llama().llama_sampler_free(chain)
+        _live_samplers -= 1
+
+
+class Sampler:
+    """One C sampler chain (its own RNG and penalty history). Free it with `free()`."""
+
+    def __init__(self, params: SamplingParams, seed: int, *, n_vocab: int = 0, owner: BranchDecoder | None = None):
+        self.params, self.seed = params, seed
+        self._handle = sampler_chain(params, seed, n_vocab=n_vocab)
+        self._owner = owner  # frees us at its close() if we are still alive then
+
+    @property
+    def handle(self) -> Any:
+        if not self._handle:
+            raise EngineError("sampler used after free()")
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return not self._handle
+
+    def free(self) -> None:
+        """Release the native chain. Idempotent."""
+        handle, self._handle = self._handle, None
+        free_sampler_chain(handle)
+        if self._owner is not None:
+            self._owner._samplers.discard(self)
+            self._owner = None
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Engine
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_fields(struct: Any, **values: Any) -> Any:
+    """Set ctypes struct fields by name, refusing names the struct does not have (assigning one
+    would silently create a Python attribute that C never sees; LLAMA_CPP.md §10)."""
+    known = {f[0] for f in type(struct)._fields_}
+    for name, value in values.items():
+        if name not in known:
+            raise EngineError(f"llama-cpp-python's {type(struct).__name__} has no field {name!r}")
+        setattr(struct, name, value)
+    return struct
+
+
+def cpu_has_amx() -> bool:
+    """Whether ggml's CPU backend reports AMX (and would use its AMX weight buffers)."""
+    return "AMX_INT8 = 1" in system_info()
+
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))  # beyond ~8 threads a small model's decode stops scaling
+
+
+@dataclass
+class DecodeCounters:
+    """Work done through this Engine: every llama_decode call and every token submitted to one."""
+
+    decode_calls: int = 0
+    tokens: int = 0
+    shared_prompt_tokens: int = 0  # prompt tokens complete_many did not decode, thanks to sharing
+
+
+class Engine:
+    """A loaded model with one llama.cpp context (unified KV, up to `n_seq_max` sequences)."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        n_seq_max: int = 1,
+        verbose: bool = False,
+        extra_buffers: bool | None = None,
+        flash_attn: bool | None = None,
+    ):
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= MAX_SEQ:
+            # llama.cpp returns NULL for > 256; validating gives the user the reason.
+            raise UsageError(f"n_seq_max must be in [1, {MAX_SEQ}], got {n_seq_max!r}")
+        if not isinstance(n_ctx, int) or n_ctx < 0:
+            raise UsageError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx!r}")
+        if n_threads is not None and n_threads < 1:
+            raise UsageError(f"n_threads must be >= 1, got {n_threads!r}")
+        self.path = Path(model_path)
+        check_gguf(self.path)
+        ll = self._ll = _llama()
+        set_verbose(verbose)
+        self._stack = ExitStack()  # unwinds in reverse: batch, then context, then model
+        self._branches: BranchDecoder | None = None
+        self._pieces: list[bytes] | None = None
+        self._separators: frozenset[int] | None = None
+        self.counters = DecodeCounters()
+        _log_errors.clear()
+        try:
+            if extra_buffers is None:
+                extra_buffers = not cpu_has_amx()
+            mp = _set_fields(
+                ll.llama_model_default_params(),
+                n_gpu_layers=int(n_gpu_layers),
+                load_mode=ll.LLAMA_LOAD_MODE_MMAP,
+                # Extra buffer types = CPU weight repacking, including ggml's AMX path, which
+                # segfaults on multi-token batches on AMX CPUs (seen on a Xeon VM); auto = off there.
+                use_extra_bufts=bool(extra_buffers),
+            )
+            model = ll.llama_model_load_from_file(os.fsencode(self.path), mp)
+            if not model:
+                raise EngineError(f"llama.cpp could not load {self.path}: {_last_error()}")
+            self._stack.callback(ll.llama_model_free, model)
+            self._model = model
+            self._vocab = ll.llama_model_get_vocab(model)
+            self.n_vocab: int = ll.llama_vocab_n_tokens(self._vocab)
+            n_ctx_train = ll.llama_model_n_ctx_train(model)
+
+            want = n_ctx or n_ctx_train
+            want = -(-want // _CTX_PAD) * _CTX_PAD
+            threads = n_threads or _default_threads()
+            cp = _set_fields(
+                ll.llama_context_default_params(),
+                n_ctx=want,
+                n_batch=want,  # one step never needs Python chunking; llama_decode splits into ubatches
+                n_ubatch=min(512, want),
+                n_seq_max=n_seq_max,
+                kv_unified=True,  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
+                n_threads=threads,
+                n_threads_batch=threads,
+                no_perf=True,  # llama.cpp's token counters still run; only its timers are off
+                flash_attn_type=-1 if flash_attn is None else int(bool(flash_attn)),  # -1 = auto
+            )
+            ctx = ll.llama_init_from_model(model, cp)
+            if not ctx:
+                raise EngineError(f"llama.cpp could not create a context (n_ctx={want}): {_last_error()}")
+            self._stack.callback(ll.llama_free, ctx)
+            self._ctx = ctx
+            self._mem = ll.llama_get_memory(ctx)
+            self.n_ctx: int = ll.llama_n_ctx(ctx)
+            self.n_batch: int = ll.llama_n_batch(ctx)
+            self.n_seq_max: int = ll.llama_n_seq_max(ctx)
+            self.n_threads = threads
+            # One token belongs to one sequence: prompts are shared by llama_memory_seq_cp, not by
+            # tagging tokens with several ids.
+            self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+            self._stack.callback(ll.llama_batch_free, self._batch)
+        except BaseException:
+            self._stack.close()
+            raise
+
+        self._add_bos = bool(ll.llama_vocab_get_add_bos(self._vocab))
+        self._bos = ll.llama_vocab_bos(self._vocab)
+        self.model_info: dict[str, Any] = {
+            "path": str(self.path),
+            "architecture": _cstr(ll.llama_model_meta_val_str, model, b"general.architecture"),
+            "name": _cstr(ll.llama_model_meta_val_str, model, b"general.name"),
+            "desc": _cstr(ll.llama_model_desc, model),
+            "n_params": int(ll.llama_model_n_params(model)),
+            "size": int(ll.llama_model_size(model)),
+            "file_size": self.path.stat().st_size,
+            "n_vocab": self.n_vocab,
+            "n_ctx_train": int(n_ctx_train),
+            "n_embd": int(ll.llama_model_n_embd(model)),
+            "n_layer": int(ll.llama_model_n_layer(model)),
+            "add_bos": self._add_bos,
+            "n_ctx": self.n_ctx,
+            "n_seq_max": self.n_seq_max,
+            "n_threads": threads,
+            "n_gpu_layers": int(n_gpu_layers),
+            "extra_buffers": bool(extra_buffers),
+        }
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._stack is None
+
+    def close(self) -> None:
+        """Free samplers and sequences, then batch, context and model. Idempotent."""
+        if self._stack is None:
+            return
+        if self._branches is not None:
+            self._branches.close()
+        stack, self._stack = self._stack, None
+        stack.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._stack is None:
+            raise EngineError("the engine is closed")
+
+    # -- vocabulary -------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Tokens of `text`, special tokens parsed, with BOS first when the GGUF asks for it.
+
+        Same tokens as Llama.create_completion's `tokenize(add_bos=True, special=True)`, except
+        that an add-EOS flag never appends EOS to a prompt (BOS is prepended here, not by
+        llama_tokenize's add_special, which would also add EOS)."""
+        self._check_open()
+        ll = self._ll
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        for _ in range(2):
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, False, True)
+            if n >= 0:
+                break
+            cap = -n  # buffer too small: -n is the size needed
+        else:
+            raise EngineError("llama_tokenize failed")
+        tokens = list(buf[:n])
+        if add_bos and self._add_bos and self._bos >= 0:
+            tokens.insert(0, self._bos)
+        return tokens
+
+    def _piece_uncached(self, token: int, buf: ctypes.Array) -> bytes:
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    @property
+    def pieces(self) -> list[bytes]:
+        """Every token's bytes as rendered in generated text (special tokens render as b"")."""
+        if self._pieces is None:
+            self._check_open()
+            buf = ctypes.create_string_buffer(128)
+            self._pieces = [self._piece_uncached(t, buf) for t in range(self.n_vocab)]
+        return self._pieces
+
+    def piece(self, token: int) -> bytes:
+        if not 0 <= token < self.n_vocab:
+            raise EngineError(f"token {token} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return self.pieces[token]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def separator_tokens(self) -> frozenset[int]:
+        """Every token whose text contains "," (derived from this vocabulary)."""
+        if self._separators is None:
+            self._separators = frozenset(t for t, p in enumerate(self.pieces) if b"," in p)
+        return self._separators
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    # -- branches ---------------------------------------------------------------------------
+
+    def branches(self) -> BranchDecoder:
+        """The context's BranchDecoder. There is one per engine (its KV sequences all live in the
+        one context): created on first use, returned again by later calls, made afresh after its
+        `close()`. `complete` and `complete_many` run on it too, using ids from its pool."""
+        self._check_open()
+        if self._branches is None:
+            self._branches = BranchDecoder(self)
+        return self._branches
+
+    # -- completion -------------------------------------------------------------------------
+
+    def complete(self, req: CompletionRequest, *, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Continue one prompt; stream the decoded text through `on_text` as it is generated."""
+        return self._generate([req], on_text)[0]
+
+    def complete_many(self, reqs: list[CompletionRequest]) -> list[Completion]:
+        """Decode every request concurrently in this context (one llama_decode per step); identical
+        prompts are decoded once and shared. More requests than `n_seq_max` wait for a free slot.
+        Results come back in input order.
+
+        Numerics: results are deterministic for the same request list and n_seq_max. They equal
+        `complete()` of each request as long as no sequence's cells are freed while others still
+        run (all requests fit in the slots and finish in the same step). Once a finished
+        sequence's cells are reused, a newer token can sit in a lower KV cell than older ones; the
+        attention then sums in another order, and on a quantized model that rounding difference
+        grows through the layers (logits moved by ~0.5 on SmolLM2 Q4_1, CPU), so a sampled token
+        may differ from the one-at-a-time run."""
+        return self._generate(list(reqs), None)
+
+    def _prepare(self, index: int, req: CompletionRequest) -> _Job:
+        validate_params(req.params, req.seed)
+        tokens = self.tokenize(req.prompt)
+        if not tokens:
+            raise UsageError("the prompt is empty: there is nothing to continue")
+        if len(tokens) > self.n_ctx - 1:
+            raise EngineError(
+                f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} "
+                f"(at most {self.n_ctx - 1} prompt tokens); raise n_ctx or shorten the prompt"
+            )
+        return _Job(index, req, tokens, budget=min(req.params.max_tokens, self.n_ctx - len(tokens)))
+
+    def _generate(self, reqs: list[CompletionRequest], on_text: Callable[[str], None] | None) -> list[Completion]:
+        return _run_batched(self, reqs, on_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. BranchDecoder
+# ---------------------------------------------------------------------------------------------
+
+
+class BranchDecoder:
+    """Many KV sequences in one Engine's context, with ids from a bounded pool 0..n_seq_max-1:
+    the llama.cpp implementation of the `kgen_cli.tree.BranchDecoder` protocol. One per Engine
+    (`Engine.branches()`); `complete`/`complete_many` take their ids from the same pool.
+
+    Every method validates ids, lengths and batch indices in Python first, because the matching
+    llama.cpp mistakes abort the process (LLAMA_CPP.md §6.1). Logits live only until the next
+    `step`: `sample` works on a sequence whose last fed token got its row in the latest step (or a
+    fork taken at such a sequence's tip)."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._ll = engine._ll
+        self.max_branches: int = engine.n_seq_max
+        self._free_ids = set(range(self.max_branches))
+        self._len: dict[int, int] = {}  # live seq -> number of positions in the KV cache
+        self._logits_at: dict[int, int] = {}  # seq -> batch index of its logits row in the last decode
+        self._samplers: set[Sampler] = set()  # made by new_sampler and not freed yet
+        self._closed = False
+        # Start from an empty cache (metadata only; the buffers need no clearing).
+        self._ll.llama_memory_clear(engine._mem, False)
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every sequence and every sampler made by `new_sampler`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for s in list(self._samplers):
+            s.free()
+        if not self._engine.closed:
+            # Drops every sequence's cells at once (metadata only), so nothing outlives the decoder.
+            self._ll.llama_memory_clear(self._engine._mem, False)
+        self._len.clear()
+        self._logits_at.clear()
+        self._free_ids = set(range(self.max_branches))
+        if self._engine._branches is self:
+            self._engine._branches = None
+
+    def __enter__(self) -> BranchDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sequences --------------------------------------------------------------------------
+
+    @property
+    def live(self) -> list[int]:
+        return sorted(self._len)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free_ids)
+
+    def _check(self, seq: object) -> int:
+        if self._closed:
+            raise EngineError("the BranchDecoder is closed")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq not in self._len:
+            raise EngineError(f"sequence {seq!r} is not a live branch")
+        return seq
+
+    def open(self) -> int:
+        """A fresh, empty sequence (the lowest free id, so runs are reproducible); feed it with
+        `step`, e.g. a prompt decoded in the same llama_decode as other sequences' tokens."""
+        if self._closed:
+            raise EngineError("the BranchDecoder is closed")
+        if not self._free_ids:
+            raise BranchPoolExhausted(f"all {self.max_branches} sequences are in use")
+        seq = min(self._free_ids)
+        self._free_ids.remove(seq)
+        self._len[seq] = 0
+        return seq
+
+    def start(self, tokens: list[int]) -> int:
+        """Allocate a sequence and decode `tokens` on it (the last one gets logits)."""
+        if not tokens:
+            raise EngineError("start() needs at least one token")
+        seq = self.open()
+        try:
+            self.step({seq: tokens})
+        except BaseException:
+            self.free(seq)
+            raise
+        return seq
+
+    def fork(self, parent: int, keep: int) -> int:
+        """A new sequence holding the first `keep` positions of `parent` (shared cells, no copy).
+
+        Forking at the parent's tip (`keep == length(parent)`) also shares its pending logits, so
+        the child can be sampled right away; `keep == 0` gives an empty sequence to feed with
+        `step` (e.g. a new prompt that rides along with other sequences' tokens)."""
+        self._check(parent)
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= self._len[parent]:
+            raise EngineError(f"fork keep={keep!r} is outside 0..{self._len[parent]} (length of seq {parent})")
+        child = self.open()
+        if keep > 0:
+            # Partial copies are legal with the unified KV cache only (the Engine always uses it).
+            self._ll.llama_memory_seq_cp(self._engine._mem, parent, child, 0, keep)
+        self._len[child] = keep
+        if keep == self._len[parent] and parent in self._logits_at:
+            self._logits_at[child] = self._logits_at[parent]
+        return child
+
+    def free(self, seq: int) -> None:
+        """Drop the sequence's cells (cells shared with others stay) and return its id to the pool."""
+        self._check(seq)
+        self._ll.llama_memory_seq_rm(self._engine._mem, seq, -1, -1)
+        del self._len[seq]
+        self._logits_at.pop(seq, None)
+        self._free_ids.add(seq)
+
+    def length(self, seq: int) -> int:
+        """Positions held by the sequence, as llama.cpp reports them (pos_max + 1)."""
+        self._check(seq)
+        return self._ll.llama_memory_seq_pos_max(self._engine._mem, seq) + 1
+
+    def has_logits(self, seq: int) -> bool:
+        return seq in self._logits_at
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def step(self, feeds: dict[int, list[int]]) -> None:
+        """Append each sequence's tokens at its current length and run ONE llama_decode for all;
+        the last token of each sequence gets a logits row."""
+        if not feeds:
+            return
+        eng = self._engine
+        n_total = 0
+        for seq, tokens in feeds.items():
+            self._check(seq)
+            if not tokens:
+                raise EngineError(f"step(): no tokens for sequence {seq}")
+            if self._len[seq] + len(tokens) > eng.n_ctx:
+                raise EngineError(
+                    f"sequence {seq} would hold {self._len[seq] + len(tokens)} tokens, the context has {eng.n_ctx}"
+                )
+            for t in tokens:
+                if not 0 <= t < eng.n_vocab:
+                    raise EngineError(f"token {t!r} is outside the vocabulary (0..{eng.n_vocab - 1})")
+            n_total += len(tokens)
+        if n_total > eng.n_batch:
+            raise EngineError(f"step of {n_total} tokens exceeds the batch size {eng.n_batch}")
+
+        batch = eng._batch
+        tok, pos, n_seq_id, seq_id, want = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        rows: dict[int, int] = {}
+        i = 0
+        for seq, tokens in feeds.items():
+            p = self._len[seq]  # positions stay contiguous per sequence (a gap is rc -1)
+            for t in tokens:
+                tok[i], pos[i], n_seq_id[i], want[i] = t, p, 1, 0
+                seq_id[i][0] = seq
+                i += 1
+                p += 1
+            want[i - 1] = 1
+            rows[seq] = i - 1
+        batch.n_tokens = i
+
+        rc = self._ll.llama_decode(eng._ctx, batch)
+        eng.counters.decode_calls += 1
+        # Every earlier logits row is gone now, whatever rc says.
+        self._logits_at = {}
+        if rc != 0:
+            self._resync()
+            raise EngineError(_decode_error(rc, n_total, eng.n_ctx))
+        eng.counters.tokens += n_total
+        for seq, tokens in feeds.items():
+            self._len[seq] += len(tokens)
+        self._logits_at = rows
+
+    def _resync(self) -> None:
+        """After a failed decode, trust llama.cpp's view of each sequence (rc 2 / < -1 keep the
+        micro-batches that were processed)."""
+        for seq in self._len:
+            self._len[seq] = self._ll.llama_memory_seq_pos_max(self._engine._mem, seq) + 1
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def new_sampler(self, params: SamplingParams, seed: int) -> Sampler:
+        if self._closed:
+            raise EngineError("the BranchDecoder is closed")
+        sampler = Sampler(params, seed, n_vocab=self._engine.n_vocab, owner=self)
+        self._samplers.add(sampler)
+        return sampler
+
+    def release_sampler(self, sampler: Sampler) -> None:
+        """Same as `sampler.free()`."""
+        sampler.free()
+
+    def _row(self, seq: int) -> int:
+        self._check(seq)
+        row = self._logits_at.get(seq)
+        if row is None:
+            # llama_sampler_sample on a row without logits is a GGML_ASSERT abort.
+            raise EngineError(f"sequence {seq} has no pending logits (feed it a token with step() first)")
+        return row
+
+    def sample_token(self, seq: int, sampler: Sampler) -> int:
+        """Sample (and accept into the chain) the next token of `seq`; the fast path."""
+        row = self._row(seq)
+        return self._ll.llama_sampler_sample(sampler.handle, self._engine._ctx, row)
+
+    def sample(self, seq: int, sampler: Sampler) -> Sampled:
+        row = self._row(seq)
+        token = self._ll.llama_sampler_sample(sampler.handle, self._engine._ctx, row)
+        eng = self._engine
+        piece = eng.pieces[token]
+        return Sampled(token, self.token_prob(seq, token), piece, eng.is_eog(token), piece.count(b","))
+
+    def logits(self, seq: int) -> Any:
+        """A numpy view of the sequence's raw logits row; overwritten by the next step (copy it)."""
+        import numpy as np
+
+        ptr = self._ll.llama_get_logits_ith(self._engine._ctx, self._row(seq))
+        if not ptr:
+            raise EngineError(f"llama.cpp has no logits for sequence {seq}")
+        return np.ctypeslib.as_array(ptr, shape=(self._engine.n_vocab,))
+
+    def token_prob(self, seq: int, token: int) -> float:
+        """Probability of `token` under the softmax of the sequence's raw logits."""
+        import numpy as np
+
+        row = self.logits(seq)
+        top = row.max()
+        return float(np.exp(row[token] - top) / np.exp(row - top).sum(dtype=np.float64))
+
+
+def _decode_error(rc: int, n_tokens: int, n_ctx: int) -> str:
+    if rc == 1:
+        return f"llama_decode: no KV cache slot for {n_tokens} tokens (context of {n_ctx} is full; raise n_ctx)"
+    if rc == 2:
+        return "llama_decode was aborted"
+    if rc == -1:
+        return f"llama_decode rejected the batch as invalid: {_last_error('no details')}"
+    return f"llama_decode failed (rc {rc}): {_last_error()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The generation loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _TextStream:
+    """Generated bytes -> text, incrementally: a piece may end inside a multibyte UTF-8 character,
+    which is held back until its remaining bytes arrive."""
+
+    def __init__(self, on_text: Callable[[str], None] | None = None):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._parts: list[str] = []
+        self._on_text = on_text
+
+    def push(self, piece: bytes, final: bool = False) -> None:
+        text = self._decoder.decode(piece, final)
+        if text:
+            self._parts.append(text)
+            if self._on_text is not None:
+                self._on_text(text)
+
+    def close(self) -> str:
+        self.push(b"", final=True)
+        return "".join(self._parts)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's progress through the loop."""
+
+    index: int
+    req: CompletionRequest
+    tokens: list[int]  # the prompt, BOS included
+    budget: int  # the most tokens it may generate (max_tokens, capped by the context)
+    key: tuple[int, ...] = ()  # identical prompts share KV cells
+    seq: int = -1
+    sampler: Sampler | None = None
+    reserved: int = 0  # KV cells promised to this job on top of its (shared) prompt
+    generated: int = 0
+    stream: _TextStream = field(default_factory=_TextStream)
+    t_admitted: float = 0.0
+    t_first: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.key = tuple(self.tokens)
+
+
+@dataclass(eq=False)
+class _PromptGroup:
+    """Live sequences that hold the same prompt in shared KV cells."""
+
+    n_tokens: int
+    members: set[int] = field(default_factory=set)
+    prefilling: bool = False  # its prompt is being decoded in the current step
+
+
+def _run_batched(
+    engine: Engine, reqs: list[CompletionRequest], on_text: Callable[[str], None] | None
+) -> list[Completion]:
+    """The one generation loop (cf. llama.cpp examples/batched and examples/parallel).
+
+    Per iteration: sample every live sequence, finish those that hit EOG or their limit, admit
+    waiting requests into free slots (their prompt is decoded in this same step, or shared from a
+    live sequence with the same prompt), then ONE llama_decode for everything that was fed.
+    """
+    engine._check_open()
+    jobs = [engine._prepare(i, r) for i, r in enumerate(reqs)]  # validate everything before decoding
+    if on_text is not None:
+        for job in jobs:
+            job.stream = _TextStream(on_text)
+    pieces = engine.pieces
+    results: list[Completion | None] = [None] * len(jobs)
+    if not jobs:
+        return []
+    n_ctx = engine.n_ctx
+    waiting = collections.deque(jobs)
+    live: dict[int, _Job] = {}
+    groups: dict[tuple[int, ...], _PromptGroup] = {}
+    bd = engine.branches()
+    # KV cells promised to live jobs and their shared prompts, plus (over-counted: they may share)
+    # the cells of sequences that other users of the decoder hold. Never exceeds n_ctx.
+    reserved = sum(bd._len.values())
+
+    def finish(job: _Job, reason: str) -> None:
+        nonlocal reserved
+        text = job.stream.close()
+        bd.free(job.seq)
+        bd.release_sampler(job.sampler)
+        del live[job.seq]
+        reserved -= job.reserved
+        group = groups[job.key]
+        group.members.discard(job.seq)
+        if not group.members:  # the last holder is gone: so are the prompt's cells
+            reserved -= group.n_tokens
+            del groups[job.key]
+        now = time.perf_counter()
+        results[job.index] = Completion(
+            text=text,
+            n_prompt_tokens=len(job.tokens),
+            n_tokens=job.generated,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_seconds=job.t_first - job.t_admitted,
+            generate_seconds=now - job.t_first,
+        )
+
+    def admit(feeds: dict[int, list[int]]) -> list[tuple[_Job, int]]:
+        """Move waiting jobs into free sequence slots while the KV budget allows."""
+        nonlocal reserved
+        deferred: list[tuple[_Job, int]] = []  # (job, owner): fork at the owner's tip after the step
+        while waiting and bd.n_free > len(deferred):
+            job = waiting[0]
+            group = groups.get(job.key)
+            late_fork = group is not None and not group.prefilling
+            # A late fork re-decodes the prompt's last token (+1 cell); a new prompt costs its cells.
+            job.reserved = job.budget + (1 if late_fork else 0)
+            cost = job.reserved + (0 if group else len(job.tokens))
+            if live and reserved + cost > n_ctx:
+                break  # wait until a finishing job gives cells back
+            waiting.popleft()
+            reserved += cost
+            job.t_admitted = time.perf_counter()
+            job.sampler = bd.new_sampler(job.req.params, job.req.seed)
+            if group is None:
+                # First holder of this prompt: decode it on a fresh sequence in this step.
+                groups[job.key] = group = _PromptGroup(len(job.tokens), prefilling=True)
+                job.seq = bd.open()
+                feeds[job.seq] = job.tokens
+            elif group.prefilling:
+                # Same prompt admitted in this very step: share it once it is decoded.
+                deferred.append((job, next(iter(group.members))))
+                engine.counters.shared_prompt_tokens += len(job.tokens)
+                continue
+            else:
+                # A live sequence holds this prompt: share all but its last token, whose
+                # logits this job needs and the holder no longer has.
+                job.seq = bd.fork(next(iter(group.members)), len(job.tokens) - 1)
+                feeds[job.seq] = job.tokens[-1:]
+                engine.counters.shared_prompt_tokens += len(job.tokens) - 1
+            group.members.add(job.seq)
+            live[job.seq] = job
+        return deferred
+
+    try:
+        while waiting or live:
+            feeds: dict[int, list[int]] = {}
+
+            # 1. Sample every live sequence (each has a logits row from the previous step).
+            for seq, job in list(live.items()):
+                token = bd.sample_token(seq, job.sampler)
+                if job.generated == 0:
+                    job.t_first = time.perf_counter()
+                if engine.is_eog(token):  # EOG ends the text and is not rendered
+                    finish(job, "stop")
+                    continue
+                job.generated += 1
+                job.stream.push(pieces[token])
+                if job.generated >= job.budget:
+                    finish(job, "length")  # the last token needs no decode
+                    continue
+                feeds[seq] = [token]
+
+            # 2. Admit waiting requests; their prompts ride in the same decode.
+            deferred = admit(feeds)
+
+            # 3. One llama_decode for every sequence that was fed.
+            bd.step(feeds)
+
+            # 4. Requests sharing a prompt decoded just now join at its tip (shared logits row).
+            for job, owner in deferred:
+                job.seq = bd.fork(owner, bd._len[owner])
+                groups[job.key].members.add(job.seq)
+                live[job.seq] = job
+            for group in groups.values():
+                group.prefilling = False
+    finally:
+        # Normally every job is finished by now; after an error (a decode failure, an exception
+        # from on_text) give back what this call took. Other users' sequences stay.
+        for job in jobs:
+            if job.sampler is not None:
+                job.sampler.free()
+        for seq in live:
+            bd.free(seq)
+        if not bd._len:
+            engine._ll.llama_memory_clear(engine._mem, False)
+
+    return results  # type: ignore[return-value]

@@ -1,0 +1,225 @@
+"""Continuous batching of model calls from many jobs in one llama.cpp context.
+
+A *job* is a generator that yields `CompletionRequest`s and receives `Completion`s (see
+`pipeline.run_expand`): one prompt's whole expand, with its operations and retries. The
+scheduler keeps up to `parallel` requests decoding at once, each on its own KV sequence, and
+advances all of them with one `decoder.step()` per token. When a request finishes, its job
+immediately yields the next request (or its result), and a waiting request takes the free slot,
+so a long generation never holds the others back.
+
+Requests whose prompts are token-identical share the prompt's KV cells: the newcomer forks a
+live sequence that holds the prompt (`fork(keep=len-1)`) and replays only the last prompt token.
+
+Pure Python over the `tree.BranchDecoder` protocol, so it is tested with a fake decoder.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Hashable, Iterable, Iterator
+
+from kgen_cli.errors import EngineError, KgenError
+from kgen_cli.sampling import Completion, CompletionRequest
+
+Job = Generator[CompletionRequest, Completion, Any]
+Tokenize = Callable[[str], list[int]]
+
+
+@dataclass
+class _Call:
+    """One request in flight on one KV sequence."""
+
+    key: Hashable
+    job: Job
+    request: CompletionRequest
+    prompt: list[int]
+    seq: int = -1
+    sampler: Any = None
+    pieces: list[bytes] = field(default_factory=list)
+    started: float = 0.0
+    first_token_at: float = 0.0
+    finish_reason: str = "length"
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    tokens_decoded: int = 0  # every token fed to the model, prompts included
+    prompt_tokens: int = 0
+    prompt_tokens_shared: int = 0  # prompt tokens not decoded thanks to a shared prefix
+    generated_tokens: int = 0
+
+
+class Scheduler:
+    """Drive many jobs to completion over one `BranchDecoder`."""
+
+    def __init__(
+        self,
+        decoder: Any,
+        tokenize: Tokenize,
+        *,
+        n_ctx: int,
+        parallel: int = 16,
+        on_piece: Callable[[Hashable, str], None] | None = None,
+    ):
+        if parallel < 1:
+            raise KgenError("parallel must be at least 1")
+        self.decoder = decoder
+        self.tokenize = tokenize
+        self.n_ctx = n_ctx
+        self.parallel = min(parallel, decoder.max_branches)
+        self.on_piece = on_piece
+        self.stats = SchedulerStats()
+        self._waiting: deque[_Call] = deque()
+        self._live: dict[int, _Call] = {}  # seq id -> call
+        self._decoders: dict[Hashable, Any] = {}  # key -> incremental utf-8 decoder for streaming
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        jobs: Iterable[tuple[Hashable, Job]],
+        on_result: Callable[[Hashable, Any, BaseException | None], None],
+    ) -> None:
+        """Run every job; `on_result(key, value, error)` fires as each one ends (any order).
+
+        Jobs are pulled lazily, so a 100k-line input never sits in memory at once.
+        """
+        self._jobs: Iterator[tuple[Hashable, Job]] = iter(jobs)
+        self._exhausted = False
+        while not (self._exhausted and not self._live and not self._waiting):
+            self._step(on_result)
+
+    def _pull_jobs(self, on_result) -> None:
+        """Start new jobs while there is room: each contributes its first request."""
+        while not self._exhausted and len(self._live) + len(self._waiting) < self.parallel:
+            try:
+                key, job = next(self._jobs)
+            except StopIteration:
+                self._exhausted = True
+                return
+            self._advance(key, job, on_result, start=True)
+
+    # -- job plumbing -------------------------------------------------------------------------
+
+    def _advance(self, key, job, on_result, *, start=False, completion=None) -> None:
+        """Get the job's next request (queue it) or its final result (report it)."""
+        try:
+            request = next(job) if start else job.send(completion)
+        except StopIteration as stop:
+            on_result(key, stop.value, None)
+            return
+        except KgenError as exc:
+            on_result(key, None, exc)
+            return
+        try:
+            prompt = self.tokenize(request.prompt)
+        except KgenError as exc:
+            job.close()
+            on_result(key, None, exc)
+            return
+        if len(prompt) + 1 > self.n_ctx:
+            job.close()
+            on_result(key, None, EngineError(
+                f"prompt is {len(prompt)} tokens, longer than the context ({self.n_ctx}); raise --n-ctx"))
+            return
+        self._waiting.append(_Call(key=key, job=job, request=request, prompt=prompt))
+
+    def _cells_in_use(self) -> int:
+        return sum(len(c.prompt) + c.request.params.max_tokens for c in self._live.values())
+
+    def _admit(self, feeds: dict[int, list[int]]) -> None:
+        """Give free sequence slots to waiting requests; their prompts join this step's `feeds`.
+
+        Prefill is never a decode of its own: that would overwrite the logits the other live
+        sequences are about to sample from. A prompt identical to a live one forks it instead and
+        feeds only its last token again."""
+        prefilling: list[list[int]] = []
+        while self._waiting and len(self._live) < self.parallel:
+            call = self._waiting[0]
+            budget = len(call.prompt) + call.request.params.max_tokens
+            if self._live and self._cells_in_use() + budget > self.n_ctx:
+                return  # wait for cells; a lone request always runs (its max_tokens is clipped)
+            if call.prompt in prefilling:
+                return  # its twin is being prefilled in this step: fork from it next step
+            twin = self._live_with_prompt(call.prompt)
+            self._waiting.popleft()
+            call.started = time.perf_counter()
+            call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
+            if twin is not None:
+                call.seq = self.decoder.fork(twin.seq, len(call.prompt) - 1)
+                feeds[call.seq] = [call.prompt[-1]]
+                self.stats.prompt_tokens_shared += len(call.prompt) - 1
+            else:
+                call.seq = self.decoder.open()
+                feeds[call.seq] = list(call.prompt)
+                prefilling.append(call.prompt)
+            self._live[call.seq] = call
+            self.stats.prompt_tokens += len(call.prompt)
+
+    def _live_with_prompt(self, prompt: list[int]) -> _Call | None:
+        for call in self._live.values():
+            if call.prompt == prompt:
+                return call
+        return None
+
+    # -- the token loop -----------------------------------------------------------------------
+
+    def _step(self, on_result) -> None:
+        """Sample every live sequence, retire finished ones, admit waiting requests, then decode
+        all the new tokens (and new prompts) in one `decoder.step()`."""
+        feeds: dict[int, list[int]] = {}
+        for seq, call in list(self._live.items()):
+            sampled = self.decoder.sample(seq, call.sampler)
+            if not call.first_token_at:
+                call.first_token_at = time.perf_counter()
+            limit = min(call.request.params.max_tokens, self.n_ctx - len(call.prompt) - 1)
+            if sampled.is_eog:
+                call.finish_reason = "stop"
+                self._finish(call, on_result)
+                continue
+            call.pieces.append(sampled.piece)
+            self.stats.generated_tokens += 1
+            self._stream(call, sampled.piece)
+            if len(call.pieces) >= limit:
+                call.finish_reason = "length"
+                self._finish(call, on_result)
+                continue
+            feeds[seq] = [sampled.token]
+        self._pull_jobs(on_result)
+        self._admit(feeds)
+        if feeds:
+            self.decoder.step(feeds)
+            self.stats.steps += 1
+            self.stats.tokens_decoded += sum(len(t) for t in feeds.values())
+
+    def _stream(self, call: _Call, piece: bytes) -> None:
+        if self.on_piece is None:
+            return
+        dec = self._decoders.setdefault(call.key, codecs.getincrementaldecoder("utf-8")("replace"))
+        text = dec.decode(piece)
+        if text:
+            self.on_piece(call.key, text)
+
+    def _finish(self, call: _Call, on_result) -> None:
+        now = time.perf_counter()
+        del self._live[call.seq]
+        self.decoder.free(call.seq)
+        release = getattr(self.decoder, "release_sampler", None)
+        release(call.sampler) if release else call.sampler.free()
+        first = call.first_token_at or now
+        completion = Completion(
+            text=b"".join(call.pieces).decode("utf-8", errors="replace"),
+            n_prompt_tokens=len(call.prompt),
+            n_tokens=len(call.pieces),
+            finish_reason=call.finish_reason,  # type: ignore[arg-type]
+            prompt_seconds=first - call.started,
+            generate_seconds=now - first,
+        )
+        if self.on_piece is not None:
+            self._decoders.pop(call.key, None)
+            self.on_piece(call.key, "\n")
+        self._advance(call.key, call.job, on_result, completion=completion)

@@ -1,0 +1,97 @@
+"""The continuous-batching scheduler on the fake decoder: order, sharing, refill, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from fake_decoder import FakeDecoder
+from kgen_cli.errors import UsageError
+from kgen_cli.sampling import Completion, CompletionRequest, SamplingParams
+from kgen_cli.scheduler import Scheduler
+
+PARAMS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.1, repeat_penalty=1.0, max_tokens=40)
+
+
+def tokenize(text: str) -> list[int]:
+    """Fake tokenizer: one 'word' token per character class, ending with the newline token 2."""
+    return [3 + (ord(c) % 60) for c in text] + [2]
+
+
+def job(prompts: list[str], seed: int, log: list):
+    """A job that makes one call per prompt and returns the texts it got."""
+    texts = []
+    for i, prompt in enumerate(prompts):
+        completion = yield CompletionRequest(prompt, seed + i, PARAMS)
+        assert isinstance(completion, Completion)
+        log.append((seed, i, completion.n_tokens))
+        texts.append(completion.text)
+    return texts
+
+
+def run(decoder, jobs, parallel=4, n_ctx=4096):
+    results = {}
+    sched = Scheduler(decoder, tokenize, n_ctx=n_ctx, parallel=parallel)
+    sched.run(jobs, lambda k, v, e: results.__setitem__(k, (v, e)))
+    return results, sched
+
+
+def test_every_job_finishes_with_its_own_results():
+    log: list = []
+    decoder = FakeDecoder(max_branches=8)
+    results, sched = run(decoder, [(k, job([f"prompt {k}", f"again {k}"], k * 10, log)) for k in range(10)])
+    assert sorted(results) == list(range(10))
+    assert all(e is None and len(v) == 2 for v, e in results.values())
+    assert decoder.live_seqs == 0 and not decoder.live_samplers
+    assert sched.stats.generated_tokens == sum(n for _, _, n in log)
+
+
+def test_same_jobs_same_seeds_give_identical_results_whatever_the_parallelism():
+    a, _ = run(FakeDecoder(), [(k, job([f"p{k}"], k, [])) for k in range(6)], parallel=1)
+    b, _ = run(FakeDecoder(), [(k, job([f"p{k}"], k, [])) for k in range(6)], parallel=6)
+    assert a == b
+
+
+def test_one_decode_per_step_for_all_live_sequences():
+    decoder = FakeDecoder()
+    _, sched = run(decoder, [(k, job(["same prompt"], k, [])) for k in range(8)], parallel=8)
+    # All prompts are admitted together, so the decoder sees far fewer steps than tokens.
+    assert decoder.n_steps == sched.stats.steps
+    assert max(decoder.batch_sizes) == 8
+    assert decoder.n_steps < sched.stats.generated_tokens / 4
+
+
+def test_identical_prompts_share_the_prefix():
+    decoder = FakeDecoder()
+    _, sched = run(decoder, [(k, job(["one shared prompt"], k, [])) for k in range(5)], parallel=5)
+    n_prompt = len(tokenize("one shared prompt"))
+    assert sched.stats.prompt_tokens_shared == 4 * (n_prompt - 1)
+    assert decoder.forks == 4
+
+
+def test_free_slot_is_refilled_before_others_finish():
+    decoder = FakeDecoder(max_branches=2)
+    _, sched = run(decoder, [(k, job([f"prompt number {k}"], k, [])) for k in range(6)], parallel=2)
+    assert decoder.peak_live <= 2
+    assert sched.stats.steps < sum([40] * 6)  # never one-at-a-time
+
+
+def test_errors_of_one_job_do_not_stop_the_others():
+    def bad():
+        raise UsageError("bad line")
+        yield  # pragma: no cover
+
+    results, _ = run(FakeDecoder(), [(0, job(["fine"], 0, [])), (1, bad()), (2, job(["fine too"], 2, []))])
+    assert results[1][0] is None and isinstance(results[1][1], UsageError)
+    assert results[0][1] is None and results[2][1] is None
+
+
+def test_prompt_longer_than_the_context_is_an_error_not_a_crash():
+    results, _ = run(FakeDecoder(), [(0, job(["x" * 100], 0, []))], n_ctx=50)
+    value, error = results[0]
+    assert value is None and "longer than the context" in str(error)
+
+
+def test_max_tokens_caps_each_call():
+    log: list = []
+    run(FakeDecoder(), [(0, job(["cap me"], 1, log))])
+    assert all(n <= PARAMS.max_tokens for _, _, n in log)
