@@ -992,12 +992,15 @@ class BranchDecoder:
         row = self._row(seq)
         return self._ll.llama_sampler_sample(sampler.handle, self._engine._ctx, row)
 
-    def sample(self, seq: int, sampler: Sampler) -> Sampled:
+    def sample(self, seq: int, sampler: Sampler, *, with_prob: bool = True) -> Sampled:
+        """Sample the next token; `with_prob=False` skips the O(n_vocab) softmax that only the
+        tree's segment scores need (prob is then NaN)."""
         row = self._row(seq)
         token = self._ll.llama_sampler_sample(sampler.handle, self._engine._ctx, row)
         eng = self._engine
         piece = eng.pieces[token]
-        return Sampled(token, self.token_prob(seq, token), piece, eng.is_eog(token), piece.count(b","))
+        prob = self.token_prob(seq, token) if with_prob else float("nan")
+        return Sampled(token, prob, piece, eng.is_eog(token), piece.count(b","))
 
     def logits(self, seq: int) -> Any:
         """A numpy view of the sequence's raw logits row; overwritten by the next step (copy it)."""

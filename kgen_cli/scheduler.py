@@ -173,7 +173,7 @@ class Scheduler:
         all the new tokens (and new prompts) in one `decoder.step()`."""
         feeds: dict[int, list[int]] = {}
         for seq, call in list(self._live.items()):
-            sampled = self.decoder.sample(seq, call.sampler)
+            sampled = self.decoder.sample(seq, call.sampler, with_prob=False)
             if not call.first_token_at:
                 call.first_token_at = time.perf_counter()
             limit = min(call.request.params.max_tokens, self.n_ctx - len(call.prompt) - 1)

@@ -118,7 +118,9 @@ class BranchDecoder(Protocol):
         """A sampler object with `.free()`."""
         ...
 
-    def sample(self, seq: int, sampler: Any) -> Sampled: ...
+    def sample(self, seq: int, sampler: Any, *, with_prob: bool = True) -> Sampled:
+        """Sample from the seq's pending logits; `prob` may be skipped (NaN) when not needed."""
+        ...
 
 
 @dataclass

@@ -220,7 +220,7 @@ class FakeDecoder:
     def new_sampler(self, params: SamplingParams, seed: int) -> FakeSampler:
         return FakeSampler(params, seed, self.live_samplers)
 
-    def sample(self, seq: int, sampler: FakeSampler) -> Sampled:
+    def sample(self, seq: int, sampler: FakeSampler, *, with_prob: bool = True) -> Sampled:
         s = self._live(seq)
         assert seq in self._pending, f"sample() on seq {seq}, which has no pending logits"
         assert not sampler.freed, "sample() with a freed sampler"

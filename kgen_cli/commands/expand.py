@@ -1,8 +1,232 @@
-"""`kgen expand`: upsample one prompt."""
+"""`kgen expand`: upsample one prompt (or N variants of it)."""
 
-from kgen_cli.errors import KgenError
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kgen_cli import options as o
+from kgen_cli.console import err_console, stdout_is_tty, write_result
+from kgen_cli.errors import UsageError
+
+PromptArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Comma-separated tags (A1111 weights, BREAK and <lora:…> kept). '-' or omitted with piped input: read stdin."),
+]
 
 
-def expand() -> None:
-    """Expand one prompt (not implemented yet)."""
-    raise KgenError("kgen expand is not implemented yet")
+def read_prompt(prompt: str | None) -> str:
+    """The argument wins; stdin is read only for '-' or when no argument is given and it is piped."""
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("stdin is not valid UTF-8") from None
+    return prompt or ""
+
+
+def expand(
+    prompt: PromptArg = None,
+    nl: o.NlOpt = "",
+    model: o.ModelOpt = None,
+    family: o.FamilyOpt = None,
+    tag_length: o.TagLengthOpt = o.Level.long,
+    nl_length: o.NlLengthOpt = o.Level.long,
+    operation: o.OperationOpt = None,
+    width: o.WidthOpt = None,
+    height: o.HeightOpt = None,
+    aspect_ratio: o.AspectOpt = None,
+    ban: o.BanOpt = None,
+    retries: o.RetriesOpt = None,
+    format_: o.FormatOpt = "oneline",
+    escape_parens: o.EscapeOpt = False,
+    seed: o.SeedOpt = None,
+    temperature: o.TemperatureOpt = None,
+    top_p: o.TopPOpt = None,
+    top_k: o.TopKOpt = None,
+    min_p: o.MinPOpt = None,
+    repeat_penalty: o.RepeatPenaltyOpt = None,
+    max_tokens: o.MaxTokensOpt = None,
+    variants: o.VariantsOpt = 1,
+    sampler: o.SamplerOpt = None,
+    group_size: o.GroupSizeOpt = 4,
+    exploration: o.ExplorationOpt = 1.0,
+    tree_out: Annotated[Optional[Path], typer.Option("--tree-out", rich_help_panel=o.VARIANTS, help="TGTS: write the final tree as JSON to this file.")] = None,
+    gpu_layers: o.GpuLayersOpt = "auto",
+    n_ctx: o.NCtxOpt = None,
+    threads: o.ThreadsOpt = None,
+    show_prompt: Annotated[bool, typer.Option("--show-prompt", rich_help_panel=o.OUTPUT, help="Print the exact text of the first model call and exit (no model needed).")] = False,
+    json_: Annotated[bool, typer.Option("--json", rich_help_panel=o.OUTPUT, help="Print one JSON object with everything: input, model, seeds, sampling, every call's prompt and raw output, timings.")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", rich_help_panel=o.OUTPUT, help="Stream the generated text live when stdout is a terminal.")] = True,
+    verbose: o.VerboseOpt = False,
+) -> None:
+    """Expand one prompt into a richer one with a TIPO or DanTagGen model.
+
+    Prints one line (the formatted prompt) per variant on stdout.
+    """
+    from kgen_cli import pipeline, runner
+    from kgen_cli.registry import registry_spec_only, resolve_model
+
+    text = read_prompt(prompt)
+    fam = family.value if family else None
+    spec_model = registry_spec_only(model, fam)
+    request = build_request(
+        text, nl=nl, family=spec_model.family, quality_line=spec_model.quality_line, tag_length=tag_length,
+        nl_length=nl_length, operation=operation, width=width, height=height, aspect_ratio=aspect_ratio,
+        ban=ban, retries=retries, format_=format_, escape_parens=escape_parens, temperature=temperature,
+        top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+    )
+    if show_prompt:
+        write_result(pipeline.first_prompt(request))
+        return
+    kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
+    if tree_out is not None and kind != "tgts":
+        raise UsageError("--tree-out needs the TGTS sampler with -n > 1")
+
+    resolved = resolve_model(model, fam, download_missing=True)
+    seed = runner.random_seed() if seed is None else seed
+    if verbose:
+        err_console.print(f"model {resolved.name} ({resolved.family}) {resolved.path}", highlight=False)
+        err_console.print(f"seed {seed}", highlight=False)
+    config = runner.EngineConfig(
+        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=runner.parse_gpu_layers(gpu_layers),
+        threads=threads, verbose=verbose, n_seq_max=1 if variants == 1 else min(variants, runner.MAX_SEQUENCES),
+        context_length=resolved.context_length,
+    )
+    engine, load_seconds = runner.open_engine(config)
+    try:
+        started = time.perf_counter()
+        if variants == 1:
+            on_text = _stream_to_terminal() if (stream and stdout_is_tty() and not json_) else None
+            result = runner.expand(engine, request, seed, on_text=on_text)
+            wall = time.perf_counter() - started
+            if on_text is not None:
+                sys.stdout.write("\n")
+            if json_:
+                write_result(json.dumps(_single_json(text, request, resolved, engine, seed, result, load_seconds, wall), ensure_ascii=False))
+            else:
+                write_result(result.formatted)
+            if verbose:
+                _report_timings(result, load_seconds, wall)
+            return
+        out = runner.expand_variants(engine, request, variants, seed, sampler=kind, group_size=group_size,
+                                     exploration=exploration)
+        if tree_out is not None and out.tree is not None:
+            tree_out.write_text(json.dumps(out.tree, ensure_ascii=False))
+        if json_:
+            doc = _common_json(text, request, resolved, engine, seed, load_seconds)
+            doc.update(out.to_dict())
+            write_result(json.dumps(doc, ensure_ascii=False))
+        else:
+            for v in out.variants:
+                write_result(v.formatted)
+        if verbose:
+            err_console.print(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
+                              f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s", highlight=False)
+    finally:
+        engine.close()
+
+
+def build_request(text: str, *, nl: str, family: str, quality_line: bool, tag_length, nl_length, operation,
+                  width, height, aspect_ratio, ban, retries, format_, escape_parens, temperature, top_p, top_k,
+                  min_p, repeat_penalty, max_tokens):
+    """Validate the CLI's generation options into a `pipeline.ExpandRequest` (UsageError on bad input)."""
+    from kgen_cli.formats.bans import BanList
+    from kgen_cli.formats.templates import resolve_format
+    from kgen_cli.pipeline import ExpandRequest, validate
+    from kgen_cli.sampling import FAMILY_DEFAULTS
+
+    ratio = _aspect_ratio(width, height, aspect_ratio)
+    if max_tokens is not None and max_tokens <= 0:
+        raise UsageError("--max-tokens must be a positive number of tokens")
+    params = FAMILY_DEFAULTS[family].with_overrides(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+    )
+    request = ExpandRequest(
+        tags=text, nl=nl, family=family, tag_length=_level(tag_length), nl_length=_level(nl_length),
+        operation=operation, aspect_ratio=ratio, template=resolve_format(format_), bans=BanList.parse(ban or []),
+        retries=retries, params=params, quality_line=quality_line, escape_parens=escape_parens,
+    )
+    validate(request)
+    return request
+
+
+def _level(value) -> str:
+    return value.value if hasattr(value, "value") else str(value)
+
+
+def _aspect_ratio(width: int | None, height: int | None, aspect_ratio: float | None) -> float:
+    if (width is None) != (height is None):
+        raise UsageError("--width and --height go together")
+    if width is not None and aspect_ratio is not None:
+        raise UsageError("give either --width/--height or --aspect-ratio, not both")
+    if width is not None:
+        if width <= 0 or height <= 0:
+            raise UsageError("--width and --height must be positive")
+        return width / height
+    if aspect_ratio is not None and aspect_ratio <= 0:
+        raise UsageError("--aspect-ratio must be positive")
+    return 1.0 if aspect_ratio is None else aspect_ratio
+
+
+def _stream_to_terminal():
+    def on_text(text: str) -> None:
+        sys.stdout.write(f"\x1b[2m{text}\x1b[0m")
+        sys.stdout.flush()
+
+    return on_text
+
+
+def _common_json(text, request, resolved, engine, seed, load_seconds) -> dict:
+    return {
+        "input": {"raw": text, "nl": request.nl, "parsed": _parsed_input(request)},
+        "model": {"name": resolved.name, "path": str(resolved.path), "sha256": resolved.spec.sha256 if resolved.spec else None,
+                  "family": resolved.family, "quality_line": request.quality_line},
+        "family": request.family,
+        "seed": seed,
+        "device": "gpu" if getattr(engine, "n_gpu_layers", 0) else "cpu",
+        "sampling": request.params.to_dict(),
+        "request": {"tag_length": request.tag_length, "nl_length": request.nl_length,
+                    "operation": request.operation, "aspect_ratio": request.aspect_ratio,
+                    "bans": request.bans.patterns, "retries": request.retries},
+        "timings": {"load_seconds": round(load_seconds, 4)},
+    }
+
+
+def _parsed_input(request) -> dict:
+    from kgen_cli.pipeline import parsed_input
+
+    return parsed_input(request)
+
+
+def _single_json(text, request, resolved, engine, seed, result, load_seconds, wall) -> dict:
+    doc = _common_json(text, request, resolved, engine, seed, load_seconds)
+    body = result.to_dict()
+    calls = body.get("calls", [])
+    prompt_s = sum(c.get("prompt_seconds", 0) for c in calls)
+    gen_s = sum(c.get("generate_seconds", 0) for c in calls)
+    n_prompt = sum(c.get("n_prompt_tokens", 0) for c in calls)
+    n_gen = sum(c.get("n_tokens", 0) for c in calls)
+    doc.update(body)
+    doc["timings"].update({
+        "prompt_eval_seconds": round(prompt_s, 4), "generation_seconds": round(gen_s, 4),
+        "prompt_tokens": n_prompt, "generated_tokens": n_gen,
+        "tokens_per_second": round(n_gen / gen_s, 2) if gen_s > 0 else None,
+        "wall_seconds": round(wall, 4),
+    })
+    return doc
+
+
+def _report_timings(result, load_seconds: float, wall: float) -> None:
+    calls = result.to_dict().get("calls", [])
+    n_gen = sum(c.get("n_tokens", 0) for c in calls)
+    gen_s = sum(c.get("generate_seconds", 0) for c in calls) or 1e-9
+    err_console.print(f"load {load_seconds:.2f}s, {len(calls)} model calls, {n_gen} tokens, "
+                      f"{n_gen / gen_s:.1f} tok/s, wall {wall:.2f}s", highlight=False)
