@@ -1,18 +1,106 @@
-"""Running a batch of input records as concurrent expand jobs (continuous batching)."""
+"""Running a batch of input records as concurrent expand jobs (continuous batching).
+
+Each record becomes one expand job (`pipeline.run_expand`), or N with `-n N`; the jobs run on the
+continuous-batching `Scheduler` over the engine's `BranchDecoder`: up to `parallel` model calls
+decode together, one `llama_decode` per token step, and a finished call's slot goes to the next
+waiting request at once. Records are pulled from their (lazy) iterator only when there is room,
+so the input is streamed.
+
+Pure Python above the decoder protocol: tested with the fake decoder as well as the real engine.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from kgen_cli.errors import UsageError
+from kgen_cli.console import debug_enabled
+from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.pipeline import run_expand
-from kgen_cli.runner import tokenizer
 from kgen_cli.sampling import derive_seed
 from kgen_cli.scheduler import Scheduler
 
-
 # Per-line JSONL keys that are not `build_request` keyword arguments under the same name.
-_LINE_KEYS = {"tags": "text", "format": "format_"}
+_LINE_KEYS = {"format": "format_"}
+
+# KV cells budgeted per concurrent sequence beyond its max_tokens: room for the prompt. A TIPO
+# first prompt is ~30-150 tokens; retries and later operations carry the previous output, so
+# they need more and may then run a little less parallel (they wait for cells, never fail).
+PROMPT_CELLS = 256
+MIN_N_CTX = 4096
+MAX_N_CTX = 65536
+
+
+def batch_n_ctx(parallel: int, max_tokens: int) -> int:
+    """The default context for `kgen batch --parallel K`: the scheduler reserves a call's prompt +
+    max_tokens cells while it runs, so K calls at once need about K x (max_tokens + a prompt).
+    TIPO defaults (512 tokens), K = 16: 12288 cells."""
+    want = parallel * (max_tokens + PROMPT_CELLS)
+    want = -(-want // 256) * 256
+    return max(MIN_N_CTX, min(MAX_N_CTX, want))
+
+
+@dataclass
+class BatchStats:
+    """What a batch did, from the decoder's side (timing-free evidence of continuous batching)."""
+
+    records: int = 0
+    failed: int = 0
+    model_calls: int = 0  # sequences opened or forked: one per model call
+    steps: int = 0  # llama_decode calls
+    tokens_decoded: int = 0  # prompts included
+    generated_tokens: int = 0
+    peak_sequences: int = 0  # the most sequences fed in one decode step
+    refills: int = 0  # calls admitted while other sequences were mid-generation
+    peak_pending: int = 0  # the most finished records held back for ordering (set by the caller)
+
+    def summary(self) -> str:
+        return (f"{self.records} prompts ({self.failed} failed), {self.model_calls} model calls, "
+                f"{self.steps} decode steps, up to {self.peak_sequences} sequences at once, "
+                f"{self.refills} slot refills, {self.tokens_decoded} tokens decoded "
+                f"({self.generated_tokens} generated)")
+
+
+class _Instrumented:
+    """The decoder as the scheduler sees it: counts concurrency and refills, and runs `check`
+    before every decode step (where a stop request may raise: no result is half-written then)."""
+
+    def __init__(self, decoder: Any, stats: BatchStats, check: Callable[[], None] | None):
+        self._decoder = decoder
+        self._stats = stats
+        self._check = check
+        self._live: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._decoder, name)
+
+    def _admitted(self, seq: int) -> None:
+        if self._stats.steps and self._live:
+            self._stats.refills += 1
+        self._live.add(seq)
+        self._stats.model_calls += 1
+
+    def open(self) -> int:
+        seq = self._decoder.open()
+        self._admitted(seq)
+        return seq
+
+    def fork(self, parent: int, keep: int) -> int:
+        seq = self._decoder.fork(parent, keep)
+        self._admitted(seq)
+        return seq
+
+    def free(self, seq: int) -> None:
+        self._decoder.free(seq)
+        self._live.discard(seq)
+
+    def step(self, feeds: dict[int, list[int]]) -> None:
+        if self._check is not None:
+            self._check()
+        self._decoder.step(feeds)
+        self._stats.steps += 1
+        self._stats.peak_sequences = max(self._stats.peak_sequences, len(feeds))
 
 
 def _failing(error: BaseException):
@@ -21,40 +109,114 @@ def _failing(error: BaseException):
     yield  # pragma: no cover - makes this a generator
 
 
-def run_batch(engine, records: Iterable, defaults: dict, base_seed: int, *, variants: int = 1,
-              parallel: int = 16, on_done: Callable[[Any, dict | None, BaseException | None], None]) -> None:
-    """Expand every record concurrently (continuous batching); `on_done` fires per record.
+def _guarded(job):
+    """A job whose unexpected exceptions (a bug met on one odd model output) fail its record only."""
+    try:
+        return (yield from job)
+    except KgenError:
+        raise
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        raise KgenError(f"internal error: {type(exc).__name__}: {exc}") from exc
 
-    Record i uses the seed `base_seed + i` unless it sets its own; variant v of it uses
-    `derive_seed(seed, v)`. With `variants > 1` the N calls share the prompt's KV cache.
-    """
+
+def line_request(rec, defaults: dict, base_seed: int):
+    """(ExpandRequest, seed) for one record: the command's options with the line's own on top.
+    Raises UsageError for a bad line."""
     from kgen_cli.commands.expand import build_request
+    from kgen_cli.engine import validate_params
 
-    groups: dict[int, dict] = {}
+    if rec.error:
+        raise UsageError(rec.error)
+    fields = dict(rec.fields)
+    seed = fields.pop("seed", None)
+    if seed is None:
+        seed = derive_seed(base_seed, rec.index)
+    text = fields.pop("tags", "")
+    kwargs = dict(defaults)
+    # A line's own aspect ratio replaces the command's, whichever way either was given.
+    if "width" in fields:
+        kwargs["aspect_ratio"] = None
+    if "aspect_ratio" in fields:
+        kwargs["width"] = kwargs["height"] = None
+    if isinstance(fields.get("ban"), str):
+        fields["ban"] = [fields["ban"]]
+    for key, value in fields.items():
+        kwargs[_LINE_KEYS.get(key, key)] = value
+    try:
+        request = build_request(text, **kwargs)
+    except (TypeError, ValueError) as exc:  # a value of the right JSON type that still makes no sense
+        raise UsageError(str(exc)) from None
+    validate_params(request.params, seed)
+    return request, seed
 
-    def jobs():
+
+def run_batch(engine, records: Iterable, defaults: dict, base_seed: int, **kw) -> BatchStats:
+    """`BatchRun(engine, defaults, base_seed, **kw).run(records)`."""
+    return BatchRun(engine, defaults, base_seed, **kw).run(records)
+
+
+class BatchRun:
+    """Expand records concurrently (continuous batching) on one engine.
+
+    `on_done(rec, result, error)` fires once per record as it finishes (in finishing order, not
+    input order). Record i uses the seed `base_seed + i` unless it sets its own; variant v of it
+    uses `derive_seed(seed, v)`, as `kgen expand -n N --sampler independent` does, and the N
+    variants' identical first prompts share their KV cells. `check()` runs before every decode
+    step and may raise to stop the batch. `records` may yield None while `busy()` ("no input
+    ready yet"): the requests in flight go on decoding.
+
+    `result` is {"variants": [ExpandResult, ...] (duplicates removed), "n", "duplicates", "seed",
+    "tokens", "timings"}.
+    """
+
+    def __init__(self, engine, defaults: dict, base_seed: int, *, variants: int = 1, parallel: int = 16,
+                 on_done: Callable[[Any, dict | None, BaseException | None], None],
+                 check: Callable[[], None] | None = None):
+        from kgen_cli.runner import tokenizer
+
+        self.defaults, self.base_seed, self.variants, self.on_done = defaults, base_seed, variants, on_done
+        self.stats = BatchStats()
+        self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
+        self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
+                                   n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max))
+
+    def busy(self) -> bool:
+        """Whether model calls are decoding or waiting for a slot."""
+        return self.scheduler.busy
+
+    def run(self, records: Iterable) -> BatchStats:
+        stats, scheduler = self.stats, self.scheduler
+        try:
+            scheduler.run(self._jobs(records), self._on_result)
+        finally:
+            stats.tokens_decoded = scheduler.stats.tokens_decoded
+            stats.generated_tokens = scheduler.stats.generated_tokens
+        return stats
+
+    def _jobs(self, records):
+        stats, groups, variants = self.stats, self._groups, self.variants
         for rec in records:
-            seed = derive_seed(base_seed, rec.index)
-            try:
-                if rec.error:
-                    raise UsageError(rec.error)
-                kwargs = dict(defaults)
-                fields = dict(rec.fields)
-                if "seed" in fields:
-                    seed = _line_seed(fields.pop("seed"))
-                text = str(fields.pop("tags", ""))
-                for key, value in fields.items():
-                    kwargs[_LINE_KEYS.get(key, key)] = value
-                request = build_request(text, **kwargs)
-            except (UsageError, TypeError, ValueError) as exc:
-                groups[rec.index] = {"rec": rec, "left": 1, "results": [], "error": None, "seed": seed}
-                yield (rec.index, 0), _failing(exc if isinstance(exc, UsageError) else UsageError(str(exc)))
+            if rec is None:
+                yield None
                 continue
-            groups[rec.index] = {"rec": rec, "left": variants, "results": [None] * variants, "error": None, "seed": seed}
+            stats.records += 1
+            started = time.perf_counter()
+            try:
+                request, seed = line_request(rec, self.defaults, self.base_seed)
+            except UsageError as exc:
+                groups[rec.index] = {"rec": rec, "left": 1, "results": [None], "error": None,
+                                     "seed": None, "started": started}
+                yield (rec.index, 0), _failing(exc)
+                continue
+            groups[rec.index] = {"rec": rec, "left": variants, "results": [None] * variants, "error": None,
+                                 "seed": seed, "started": started}
             for v in range(variants):
-                yield (rec.index, v), run_expand(request, derive_seed(seed, v) if variants > 1 else seed)
+                yield (rec.index, v), _guarded(run_expand(request, derive_seed(seed, v)))
 
-    def on_result(key, value, error) -> None:
+    def _on_result(self, key, value, error) -> None:
+        stats, groups, on_done, variants = self.stats, self._groups, self.on_done, self.variants
         index, v = key
         group = groups[index]
         group["left"] -= 1
@@ -62,26 +224,28 @@ def run_batch(engine, records: Iterable, defaults: dict, base_seed: int, *, vari
             group["error"] = group["error"] or error
         else:
             group["results"][v] = value
-        if group["left"] == 0:
-            del groups[index]
-            if group["error"] is not None:
-                on_done(group["rec"], None, group["error"])
-                return
-            unique, seen = [], set()
-            for r in group["results"]:
-                if r.formatted not in seen:
-                    seen.add(r.formatted)
-                    unique.append(r)
-            tokens = sum(c.n_tokens for r in group["results"] for c in getattr(r, "calls", []))
-            on_done(group["rec"], {"variants": unique, "n": variants, "duplicates": variants - len(unique),
-                                   "seed": group["seed"], "tokens": tokens}, None)
-
-    scheduler = Scheduler(engine.branches(), tokenizer(engine), n_ctx=engine.n_ctx,
-                          parallel=min(parallel, engine.n_seq_max))
-    scheduler.run(jobs(), on_result)
-
-
-def _line_seed(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**32 - 2:
-        raise UsageError(f"seed must be an integer in [0, 4294967294], not {value!r}")
-    return value
+        if group["left"]:
+            return
+        del groups[index]
+        if group["error"] is not None:
+            stats.failed += 1
+            on_done(group["rec"], None, group["error"])
+            return
+        results = group["results"]
+        unique, seen = [], set()
+        for r in results:
+            if r.formatted not in seen:
+                seen.add(r.formatted)
+                unique.append(r)
+        calls = [c for r in results for c in r.calls]
+        timings = {
+            "model_calls": len(calls),
+            "prompt_tokens": sum(c.n_prompt_tokens for c in calls),
+            "generated_tokens": sum(c.n_tokens for c in calls),
+            "prompt_seconds": round(sum(c.prompt_seconds for c in calls), 4),
+            "generate_seconds": round(sum(c.generate_seconds for c in calls), 4),
+            "wall_seconds": round(time.perf_counter() - group["started"], 4),
+        }
+        on_done(group["rec"], {"variants": unique, "n": variants, "duplicates": variants - len(unique),
+                               "seed": group["seed"], "tokens": timings["generated_tokens"], "timings": timings},
+                None)

@@ -67,7 +67,10 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: the one error funnel (one line on stderr, exit 1 or 2)."""
+    """Console-script entry point: the one error funnel (one line on stderr, exit 1 or 2).
+
+    With KGEN_DEBUG=1 the traceback is printed first; the error line and exit status stay the same.
+    """
     command = typer.main.get_command(app)
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
@@ -81,14 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(exc.ctx.get_help(), err=True)
         sys.exit(2)
     except click_exceptions.UsageError as exc:
-        if debug_enabled():
-            raise
+        _traceback()
         ctx = exc.ctx
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         _fail(f"{_escape(exc.format_message())}{where}", 2)
     except KgenError as exc:
-        if debug_enabled():
-            raise
+        _traceback()
         message = str(exc) + (f" ({exc.hint})" if exc.hint else "")
         _fail(_escape(message), exc.exit_code)
     except BrokenPipeError:
@@ -96,15 +97,24 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except click_exceptions.ClickException as exc:
-        if debug_enabled():
-            raise
+        _traceback()
         _fail(_escape(exc.format_message()), exc.exit_code)
     except Exception as exc:  # the funnel: no traceback unless KGEN_DEBUG=1
-        if debug_enabled():
-            raise
-        _fail(_escape(f"{type(exc).__name__}: {exc}".splitlines()[0]) + " (set KGEN_DEBUG=1 for the traceback)", 1)
+        _traceback()
+        hint = "" if debug_enabled() else " (set KGEN_DEBUG=1 for the traceback)"
+        _fail(_escape(f"{type(exc).__name__}: {exc}".splitlines()[0]) + hint, 1)
     else:
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _traceback() -> None:
+    """KGEN_DEBUG=1: the current exception's traceback on stderr (before the one-line error)."""
+    if debug_enabled():
+        import traceback
+
+        sys.stderr.flush()
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
 
 
 def _escape(text: str) -> str:

@@ -29,6 +29,12 @@ def debug_enabled() -> bool:
     return os.environ.get("KGEN_DEBUG", "") not in ("", "0")
 
 
+def info(text: str) -> None:
+    """One diagnostic line on stderr, as is: never wrapped at the terminal width (a model path
+    stays whole for copy and paste and for `grep`), never read as rich markup or highlighted."""
+    err_console.print(text, soft_wrap=True, markup=False, highlight=False, emoji=False)
+
+
 def write_result(text: str) -> None:
     """Write one result to stdout, newline-terminated, flushed (pipes see whole lines)."""
     sys.stdout.write(text if text.endswith("\n") else text + "\n")

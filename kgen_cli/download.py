@@ -166,7 +166,7 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
         kwargs["cache_dir"] = hf_cache_dir()
     kwargs["force_download"] = force
     kwargs["local_files_only"] = offline
-    with _progress_bars(enabled=not quiet):
+    with _progress_bars(enabled=not quiet), _quiet_hub_log():
         try:
             found = hf_hub_download(**kwargs)
         except Exception as exc:
@@ -212,6 +212,24 @@ def _download_error(spec: ModelSpec, exc: Exception, *, offline: bool) -> Downlo
     if isinstance(exc, (errors.HFValidationError, OSError)):
         return DownloadError(f"{spec.name}: download of {what} failed: {detail}")
     return None
+
+
+@contextmanager
+def _quiet_hub_log() -> Iterator[None]:
+    """huggingface_hub logs every retry of an unreachable hub as a WARNING on stderr (10 lines
+    before the one error kgen prints for it); keep those for KGEN_DEBUG=1."""
+    import logging
+
+    from kgen_cli.console import debug_enabled
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    if not debug_enabled():
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager

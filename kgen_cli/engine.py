@@ -30,7 +30,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kgen_cli.errors import EngineError, UsageError
 from kgen_cli.sampling import SEED_MAX, Completion, CompletionRequest, SamplingParams
@@ -100,6 +100,9 @@ _GGML_TYPE_SIZES = {
 }  # fmt: skip
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Truncated(Exception):
     pass
 
@@ -131,6 +134,18 @@ class _GGUFReader:
     def skip_string(self) -> None:
         self.take(self.scalar("<Q"))
 
+    def skip_strings(self, count: int) -> None:
+        """Skip `count` strings: tokenizer vocabularies and merges (~100k strings) must be walked
+        one length at a time, so this loop is kept tight (every `kgen expand` runs it)."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Truncated
+            pos += 8 + unpack(buf, pos)[0]
+        if pos > size:
+            raise _Truncated
+        self.pos = pos
+
     def value(self, vtype: int, keep: bool) -> Any:
         if vtype == _GGUF_STRING:
             if keep:
@@ -142,8 +157,7 @@ class _GGUFReader:
         if vtype == _GGUF_ARRAY:
             etype, count = self.scalar("<I"), self.scalar("<Q")
             if etype == _GGUF_STRING:
-                for _ in range(count):  # tokenizer vocabularies: lengths must be walked one by one
-                    self.skip_string()
+                self.skip_strings(count)
             elif etype in _GGUF_SCALARS:
                 self.take(count * struct.calcsize(_GGUF_SCALARS[etype]))
             else:
@@ -179,9 +193,11 @@ def _parse_gguf(path: Path, r: _GGUFReader) -> dict[str, Any]:
         raise EngineError(f"{path}: unsupported GGUF version {version}")
     try:
         n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
-        # Each KV / tensor entry takes at least 8 bytes: bogus counts mean a corrupt header.
+        # Each KV / tensor entry takes at least 8 bytes: more than fit means a cut-off file (the
+        # usual case: an interrupted download) or bogus counts.
         if n_tensors > r.size // 8 or n_kv > r.size // 8:
-            raise EngineError(f"{path}: corrupt GGUF header ({n_kv} keys, {n_tensors} tensors)")
+            raise EngineError(f"{path}: truncated or corrupt GGUF file (its header declares {n_kv} keys and "
+                              f"{n_tensors} tensors, more than {r.size} bytes can hold)")
         meta: dict[str, Any] = {"gguf.version": version, "gguf.tensor_count": n_tensors}
         for _ in range(n_kv):
             key = r.string().decode("utf-8", "replace")
@@ -285,6 +301,15 @@ def set_verbose(verbose: bool) -> None:
 
 def _last_error(default: str = "see --verbose for llama.cpp's log") -> str:
     return _log_errors[-1] if _log_errors else default
+
+
+def _load_error() -> str:
+    """Why llama_model_load_from_file failed: its last ERROR line only says "failed to load model";
+    the reason (missing key, bad tensor...) is the "error loading model: ..." line before it."""
+    for line in _log_errors:
+        if "error loading model: " in line:
+            return line.split("error loading model: ", 1)[1]
+    return _last_error()
 
 
 def _cstr(fn: Callable[..., int], *args: Any, size: int = 256) -> str:
@@ -574,6 +599,7 @@ class Engine:
         self._stack = ExitStack()  # unwinds in reverse: batch, then context, then model
         self._branches: BranchDecoder | None = None
         self._pieces: list[bytes] | None = None
+        self._token_info: dict[int, tuple[bytes, bool, int]] = {}
         self._separators: frozenset[int] | None = None
         self.counters = DecodeCounters()
         _log_errors.clear()
@@ -590,7 +616,7 @@ class Engine:
             )
             model = ll.llama_model_load_from_file(os.fsencode(self.path), mp)
             if not model:
-                raise EngineError(f"llama.cpp could not load {self.path}: {_last_error()}")
+                raise EngineError(f"llama.cpp could not load {self.path}: {_load_error()}")
             self._stack.callback(ll.llama_model_free, model)
             self._model = model
             self._vocab = ll.llama_model_get_vocab(model)
@@ -718,6 +744,17 @@ class Engine:
             self._pieces = [self._piece_uncached(t, buf) for t in range(self.n_vocab)]
         return self._pieces
 
+    def token_info(self, token: int) -> tuple[bytes, bool, int]:
+        """(piece, is end of generation, number of ",") of a sampled token, cached per token:
+        the per-token path of sampling, without building the whole-vocabulary `pieces` table
+        (49k llama_token_to_piece calls) in every process."""
+        info = self._token_info.get(token)
+        if info is None:
+            piece = self._pieces[token] if self._pieces is not None else self._piece_uncached(
+                token, ctypes.create_string_buffer(128))
+            info = self._token_info[token] = (piece, self.is_eog(token), piece.count(b","))
+        return info
+
     def piece(self, token: int) -> bytes:
         if not 0 <= token < self.n_vocab:
             raise EngineError(f"token {token} is outside the vocabulary (0..{self.n_vocab - 1})")
@@ -806,6 +843,7 @@ class BranchDecoder:
         self._len: dict[int, int] = {}  # live seq -> number of positions in the KV cache
         self._logits_at: dict[int, int] = {}  # seq -> batch index of its logits row in the last decode
         self._samplers: set[Sampler] = set()  # made by new_sampler and not freed yet
+        self._softmax_buf: Any = None  # float32[n_vocab] scratch for token probabilities
         self._closed = False
         # Start from an empty cache (metadata only; the buffers need no clearing).
         self._ll.llama_memory_clear(engine._mem, False)
@@ -968,11 +1006,22 @@ class BranchDecoder:
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def new_sampler(self, params: SamplingParams, seed: int) -> Sampler:
+    def new_sampler(self, params: SamplingParams, seed: int, history: Sequence[int] = ()) -> Sampler:
+        """A C sampler chain. `history`: tokens generated before this point on the same text (a
+        tree branch continuing its parent's), accepted into the chain so that the repetition
+        penalty sees them as a single chain would have."""
         if self._closed:
             raise EngineError("the BranchDecoder is closed")
         sampler = Sampler(params, seed, n_vocab=self._engine.n_vocab, owner=self)
         self._samplers.add(sampler)
+        if history and params.repeat_penalty != 1.0 and params.penalty_last_n > 0:
+            recent, n_vocab = list(history[-params.penalty_last_n :]), self._engine.n_vocab
+            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in recent):
+                sampler.free()
+                raise EngineError(f"history holds a token outside the vocabulary (0..{n_vocab - 1})")
+            accept, handle = self._ll.llama_sampler_accept, sampler.handle
+            for token in recent:
+                accept(handle, token)
         return sampler
 
     def release_sampler(self, sampler: Sampler) -> None:
@@ -996,28 +1045,41 @@ class BranchDecoder:
         """Sample the next token; `with_prob=False` skips the O(n_vocab) softmax that only the
         tree's segment scores need (prob is then NaN)."""
         row = self._row(seq)
-        token = self._ll.llama_sampler_sample(sampler.handle, self._engine._ctx, row)
         eng = self._engine
-        piece = eng.pieces[token]
-        prob = self.token_prob(seq, token) if with_prob else float("nan")
-        return Sampled(token, prob, piece, eng.is_eog(token), piece.count(b","))
+        token = self._ll.llama_sampler_sample(sampler.handle, eng._ctx, row)
+        piece, eog, separators = eng.token_info(token)
+        prob = self._prob(row, token) if with_prob else math.nan
+        return Sampled(token, prob, piece, eog, separators)
 
     def logits(self, seq: int) -> Any:
         """A numpy view of the sequence's raw logits row; overwritten by the next step (copy it)."""
+        return self._logits_row(self._row(seq), seq)
+
+    def _logits_row(self, row: int, seq: int) -> Any:
         import numpy as np
 
-        ptr = self._ll.llama_get_logits_ith(self._engine._ctx, self._row(seq))
+        ptr = self._ll.llama_get_logits_ith(self._engine._ctx, row)
         if not ptr:
             raise EngineError(f"llama.cpp has no logits for sequence {seq}")
         return np.ctypeslib.as_array(ptr, shape=(self._engine.n_vocab,))
 
     def token_prob(self, seq: int, token: int) -> float:
         """Probability of `token` under the softmax of the sequence's raw logits."""
+        return self._prob(self._row(seq), token)
+
+    def _prob(self, row: int, token: int) -> float:
+        """softmax(logits)[token] for one output row: one max, one exp into a reused float32
+        buffer and one sum over the vocabulary (~50 us for 49k tokens), no temporaries."""
         import numpy as np
 
-        row = self.logits(seq)
-        top = row.max()
-        return float(np.exp(row[token] - top) / np.exp(row - top).sum(dtype=np.float64))
+        logits = self._logits_row(row, -1)
+        buf = self._softmax_buf
+        if buf is None:
+            buf = self._softmax_buf = np.empty(self._engine.n_vocab, dtype=np.float32)
+        top = logits.max()
+        np.subtract(logits, top, out=buf)
+        np.exp(buf, out=buf)
+        return math.exp(float(logits[token]) - float(top)) / float(buf.sum())
 
 
 def _decode_error(rc: int, n_tokens: int, n_ctx: int) -> str:

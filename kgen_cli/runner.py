@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
 
-from kgen_cli.errors import UsageError
+from kgen_cli.errors import EngineError, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand
-from kgen_cli.sampling import Completion, derive_seed
+from kgen_cli.sampling import Completion, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler
 
 DEFAULT_N_CTX = 4096
@@ -49,11 +49,18 @@ class EngineConfig:
     verbose: bool = False
     n_seq_max: int = 1
     context_length: int | None = None  # the model's trained context, from the registry
+    max_tokens: int | None = None  # per model call, when known: sizes the default context
 
 
-def default_n_ctx(sequences: int) -> int:
+def default_n_ctx(sequences: int, max_tokens: int | None = None) -> int:
     """KV cells for this many concurrent sequences: the cache is unified and shared prompt cells
-    count once, so about 384 cells per extra sequence covers a TIPO call (prompt + ~200 tokens)."""
+    count once, so about 384 cells per extra sequence covers a TIPO call (prompt + ~200 tokens).
+    With `max_tokens` known: a shared prompt plus max_tokens + 128 (a later call's own prompt
+    part) per extra sequence, so that `-n 64 --max-tokens 64` does not allocate (and clear) a
+    cache sized for 512-token calls. Whatever the size, the tree and the scheduler wait for
+    cells rather than overflow them."""
+    if max_tokens is not None:
+        return min(65536, max(DEFAULT_N_CTX, 512 + max(0, sequences - 1) * (max_tokens + 128)))
     return min(65536, DEFAULT_N_CTX + max(0, sequences - 1) * 384)
 
 
@@ -67,7 +74,7 @@ def open_engine(config: EngineConfig):
         layers = 10_000 if engine_mod.gpu_offload_supported() else 0
     elif layers == "all":
         layers = 10_000
-    n_ctx = config.n_ctx or default_n_ctx(config.n_seq_max)
+    n_ctx = config.n_ctx or default_n_ctx(config.n_seq_max, config.max_tokens)
     started = time.perf_counter()
     eng = engine_mod.Engine(
         config.model_path,
@@ -101,24 +108,31 @@ def expand(engine, request: ExpandRequest, seed: int, *, on_text: Callable[[str]
 @dataclass
 class VariantsResult:
     variants: list[ExpandResult]
-    duplicates: int
-    tokens_decoded: int
+    duplicates: int  # generated variants dropped as repeats (the tree's repeated leaves + same output)
+    tokens_decoded: int  # NFE: every token fed to llama_decode for this run, prompts included
     wall_seconds: float
     sampler: str
     tree: dict | None = None
-    per_variant: list[dict] = field(default_factory=list)  # score, tokens decoded, depth (TGTS)
+    per_variant: list[dict] = field(default_factory=list)  # score, tokens decoded, depth
+    requested: int = 0
+    steps: int = 0  # llama_decode calls
+    stop_reason: str = "complete"  # why the first-call sampler stopped (tree.tgts_sample)
 
     def to_dict(self) -> dict:
         n = len(self.variants)
+        extras = self.per_variant or [{}] * n
         return {
-            "variants": [dict(v.to_dict(), **extra) for v, extra in zip(self.variants, self.per_variant or [{}] * n)],
+            "variants": [dict(v.to_dict(), **extra) for v, extra in zip(self.variants, extras)],
             "totals": {
+                "requested": self.requested or n,
                 "variants": n,
                 "duplicates_removed": self.duplicates,
                 "tokens_decoded": self.tokens_decoded,
+                "decode_steps": self.steps,
                 "wall_seconds": round(self.wall_seconds, 4),
                 "variants_per_second": round(n / self.wall_seconds, 3) if self.wall_seconds > 0 else None,
                 "sampler": self.sampler,
+                "stop_reason": self.stop_reason,
             },
         }
 
@@ -134,46 +148,79 @@ def expand_variants(
     exploration: float = 1.0,
     parallel: int | None = None,
 ) -> VariantsResult:
-    """N distinct variants of one prompt.
+    """Up to N distinct variants of one prompt.
 
-    Variant i runs the normal pipeline with seed `derive_seed(seed, i)`. Their first model calls
-    share one prompt: with `tgts` they are served together by the token-group tree, with
-    `independent` by N sampled sequences forked from the prompt's KV cache. Later calls
-    (retries, further operations) are batched by the scheduler. Duplicates are removed.
+    Variant i runs the normal pipeline (parse, model calls, post-process, format) with seed
+    `derive_seed(seed, i)`. Their first model calls have the same prompt: with `tgts` they are
+    served together by the token-group tree (`tree.tgts_sample`), with `independent` by N
+    sampled sequences forked from the prompt's KV cache (`tree.independent_sample`, variant i
+    sampled with the seed its own single expand would use). Later calls (retries, further
+    operations) are batched by the continuous-batching scheduler. Variants whose formatted
+    output repeats an earlier one are removed. When the tree stops short of N distinct first
+    calls (a model that keeps repeating itself, or the token budget), the jobs it could not
+    serve are not run: fewer variants come back, and `stop_reason` says why.
     """
     started = time.perf_counter()
+    counters = getattr(engine, "counters", None)
+    steps_before = counters.decode_calls if counters else 0
     jobs = {i: run_expand(request, derive_seed(seed, i)) for i in range(n)}
-    first = {i: next(job) for i, job in jobs.items()}
-    per_variant: list[dict] = [{} for _ in range(n)]
-    tree_json = None
-    tokens = 0
-    scheduler = Scheduler(engine.branches(), tokenizer(engine), n_ctx=engine.n_ctx,
-                          parallel=parallel or min(n, engine.n_seq_max))
-    if sampler == "tgts" and n > 1:
-        completions, per_variant, tree_json, tokens = _tgts_first_calls(
-            engine, first[0], n, seed, group_size, exploration)
-        served = {i: c for i, c in enumerate(completions)}
-    else:
-        served = {}
     results: dict[int, tuple[Any, BaseException | None]] = {}
     on_result = lambda k, v, e: results.__setitem__(k, (v, e))  # noqa: E731
+    first: dict[int, CompletionRequest] = {}
+    for i, job in jobs.items():
+        try:
+            first[i] = next(job)
+        except StopIteration as stop:  # a request that needs no model call
+            on_result(i, stop.value, None)
+
+    per_variant: dict[int, dict] = {}
+    tree_json, tokens, stop_reason, tree_dups = None, 0, "complete", 0
+    served: dict[int, Completion] = {}
+    skipped: set[int] = set()  # jobs the tree could not give a distinct first call (see stop_reason)
+    if first:
+        lead = first[min(first)]
+        # Every job asks the same first call (the prompt does not depend on the seed); one that
+        # does not goes through the scheduler like any later call.
+        shared = [i for i in first if first[i].prompt == lead.prompt and first[i].params == lead.params]
+        if len(shared) > 1 and sampler in ("tgts", "independent"):
+            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration)
+            prompt_len = out.tree.get("prompt_tokens", 0)
+            tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
+            stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
+            for i, v in zip(shared, out.variants):
+                served[i] = Completion(text=v.text, n_prompt_tokens=prompt_len, n_tokens=len(v.tokens),
+                                       finish_reason="stop" if v.finished else "length")
+                per_variant[i] = {"score": round(v.score, 6), "tokens_decoded": v.n_decoded, "depth": v.depth}
+            skipped = set(shared[len(out.variants):])
+            for i in skipped:
+                jobs[i].close()
 
     def continue_jobs():
         for i, job in jobs.items():
+            if i in results or i in skipped:
+                continue
             if i in served:
                 try:
                     nxt = job.send(served[i])
                 except StopIteration as stop:
                     on_result(i, stop.value, None)
                     continue
+                except BaseException as exc:  # noqa: BLE001 - reported like any job error
+                    on_result(i, None, exc)
+                    continue
                 yield i, _resume(job, nxt)
             else:
                 yield i, _resume(job, first[i])
 
+    scheduler = Scheduler(engine.branches(), tokenizer(engine), n_ctx=engine.n_ctx,
+                          parallel=parallel or max(1, min(n, engine.n_seq_max)))
     scheduler.run(continue_jobs(), on_result)
     tokens += scheduler.stats.tokens_decoded
-    variants, extras, seen, dups = [], [], set(), 0
+
+    variants, extras, seen, dups = [], [], set(), tree_dups
     for i in range(n):
+        if i not in results:
+            continue  # not served by the tree (fewer variants; see stop_reason)
         value, error = results[i]
         if error is not None:
             raise error
@@ -182,9 +229,21 @@ def expand_variants(
             continue
         seen.add(value.formatted)
         variants.append(value)
-        extras.append(per_variant[i] if i < len(per_variant) else {})
-    return VariantsResult(variants, dups, tokens, time.perf_counter() - started,
-                          sampler if n > 1 else "single", tree_json, extras)
+        extra = dict(per_variant.get(i, {}))
+        if extra:  # later model calls of this variant (scheduler): prompt + decoded tokens
+            extra["tokens_decoded"] += sum(_call_tokens(c) for c in value.calls[1:])
+        extras.append(extra)
+    return VariantsResult(
+        variants, dups, tokens, time.perf_counter() - started, sampler if n > 1 else "single", tree_json,
+        extras, requested=n, steps=(counters.decode_calls - steps_before) if counters else 0,
+        stop_reason=stop_reason,
+    )
+
+
+def _call_tokens(call) -> int:
+    """Tokens a scheduler call decoded: its prompt, then every generated token but the last one
+    when the length limit ended it (it is sampled, never fed back)."""
+    return call.n_prompt_tokens + call.n_tokens - (1 if call.finish_reason == "length" else 0)
 
 
 def _resume(job, request):
@@ -198,19 +257,20 @@ def _resume(job, request):
         completion = yield request
 
 
-def _tgts_first_calls(engine, request, n, seed, group_size, exploration):
-    """Serve N identical first model calls with one TGTS tree; returns their completions."""
-    from kgen_cli.tree import tgts_sample
+def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float):
+    """Serve n identical first model calls at once: one TGTS tree, or n independent samples
+    (sample i with seed `derive_seed(request.seed, i)`, the seed job i would use) sharing the
+    prompt's KV cells. Returns the `tree.TreeResult`."""
+    from kgen_cli.tree import independent_sample, tgts_sample
 
     prompt = engine.tokenize(request.prompt, add_bos=True)
     max_tokens = min(request.params.max_tokens, engine.n_ctx - len(prompt) - 1)
-    result = tgts_sample(engine.branches(), prompt, n, request.params, request.seed,
-                         group_size=group_size, exploration=exploration, max_tokens=max_tokens)
-    completions: list[Completion] = []
-    extras: list[dict] = []
-    for v in result.variants[:n]:
-        completions.append(Completion(text=v.text, n_prompt_tokens=len(prompt), n_tokens=len(v.tokens),
-                                      finish_reason="stop" if v.finished else "length"))
-        extras.append({"score": round(v.score, 6), "tokens_decoded": v.n_decoded, "depth": v.depth})
-    return completions, extras + [{} for _ in range(n - len(extras))], result.tree, result.total_decoded
-
+    if max_tokens < 1:
+        raise EngineError(f"the prompt is {len(prompt)} tokens, the context ({engine.n_ctx}) has no room "
+                          "left to generate; raise --n-ctx")
+    decoder = engine.branches()
+    if sampler == "tgts":
+        return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
+                           exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx)
+    return independent_sample(decoder, prompt, n, request.params, request.seed, max_tokens=max_tokens,
+                              group_size=group_size, max_cells=engine.n_ctx)

@@ -86,7 +86,9 @@ class Scheduler:
     ) -> None:
         """Run every job; `on_result(key, value, error)` fires as each one ends (any order).
 
-        Jobs are pulled lazily, so a 100k-line input never sits in memory at once.
+        Jobs are pulled lazily, so a 100k-line input never sits in memory at once. While the
+        scheduler is `busy`, `jobs` may yield None for "nothing ready yet" (a slow pipe): the
+        requests already there decode, and the next step asks again.
         """
         self._jobs: Iterator[tuple[Hashable, Job]] = iter(jobs)
         self._exhausted = False
@@ -97,11 +99,19 @@ class Scheduler:
         """Start new jobs while there is room: each contributes its first request."""
         while not self._exhausted and len(self._live) + len(self._waiting) < self.parallel:
             try:
-                key, job = next(self._jobs)
+                item = next(self._jobs)
             except StopIteration:
                 self._exhausted = True
                 return
+            if item is None:
+                return
+            key, job = item
             self._advance(key, job, on_result, start=True)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is decoding or waiting for a slot."""
+        return bool(self._live or self._waiting)
 
     # -- job plumbing -------------------------------------------------------------------------
 

@@ -17,17 +17,30 @@ How this differs from the sequential reference (`cg_mcts_sample`, PEERS.md §6.3
 - **Parallel.** The reference runs one iteration at a time and decodes one segment at a time.
   Here every iteration that selection allows is started at once (a *job*: a simulation or an
   expansion), with a virtual visit of value 0 on its selection path so the next selection
-  spreads out (tree-parallel MCTS with virtual loss). Segments being generated count as children
-  of their parent for progressive widening. All growing segments, at any depth, advance
-  together: one `step()` per token.
+  spreads out (tree-parallel MCTS with virtual loss). Progressive widening counts real visits
+  only, as the reference does (a node being simulated from counts as visited once, so the root
+  widens while the first simulation runs), and segments being generated count as children of
+  their parent. All growing segments, at any depth, advance together: one `step()` per token.
 - **Empty expansions.** The reference back-propagates 0 when selection lands on a node with no
-  room to widen, and selects again; with work still in flight below that node we wait for it
-  instead. When outputs are only one or two segments long, most children are spent leaves and
-  the reference needs millions of these (256 such variants: 17 million, since 256 children of
-  the root take ~1e9 visits); after `NOOP_LIMIT` in a row the selected node gets one more child.
+  open child and no room to widen, and selects again. Here, with work still in flight below that
+  node, we wait for it. Except at the root when every child completed so far is a leaf: then
+  what is in flight probably ends in leaves too, and the reference, which would have it complete
+  by now, would be making empty expansions there; so we make them, with at most 2 segments in
+  flight per leaf seen, plus 1 (waiting would decode one-segment outputs one or two at a time).
+  At the root a run of empty expansions is made in one go (nothing else changes between two of
+  them), up to the visits that give room for one more child; below it, one per selection.
+  When outputs are only one or two segments long, most children are spent leaves and the
+  reference needs millions of these (256 such variants: 17 million, since 256 children of the
+  root take ~1e9 visits); after `NOOP_LIMIT` in a row below the root (`ROOT_NOOP_LIMIT` at it)
+  the selected node gets one more child.
 - An expansion generates all its missing children concurrently; when one is a leaf it is a
   variant, the others still become (active) children.
-- Once the simulations in flight are enough to finish, surplus expansions/simulations are dropped.
+- No more work is started than can still be needed: variants found, simulations in flight and
+  the expansion segments in flight expected to end in a leaf (by the share of completed ones
+  that did) stay within `n`; once the simulations in flight are enough to finish, surplus
+  expansions/simulations are dropped.
+- Each segment gets a fresh sampler chain (its own seed); the path's generated tokens are
+  accepted into it first, so the repetition penalty sees the whole text as a single chain would.
 - `value` (sum of back-propagated scores) starts at 0 (PEERS §6.3); the segment's own score is
   kept apart. A segment whose every token equals its final token scores 0 (the reference divides
   by zero there). The reference bans EOG for the first 4 tokens of a segment; the decoder
@@ -67,6 +80,7 @@ DEFAULT_GROUP_SIZE = 4  # separators per segment (PEERS §6.1)
 DEFAULT_EXPLORATION = 1.0  # UCT constant c (PEERS §6.3)
 BUDGET_FACTOR = 2  # TGTS stops after n * max_tokens * BUDGET_FACTOR decoded tokens
 NOOP_LIMIT = 1_000  # empty expansions in a row after which the selected node is widened anyway
+ROOT_NOOP_LIMIT = 1_000_000  # the same at the root, where a run of them costs O(1)
 DUPLICATE_STREAK = 32  # consecutive repeated leaves after which the model is taken as saturated
 
 
@@ -114,8 +128,9 @@ class BranchDecoder(Protocol):
         pending logits (valid until the next step)."""
         ...
 
-    def new_sampler(self, params: SamplingParams, seed: int) -> Any:
-        """A sampler object with `.free()`."""
+    def new_sampler(self, params: SamplingParams, seed: int, history: Sequence[int] = ()) -> Any:
+        """A sampler object with `.free()`. `history`: the tokens generated before this point of
+        the text (a segment continuing its parent's), for the repetition penalty."""
         ...
 
     def sample(self, seq: int, sampler: Any, *, with_prob: bool = True) -> Sampled:
@@ -251,6 +266,12 @@ class _Node:
         return self.visits + self.virtual
 
 
+def _widening_visits(node: _Node) -> int:
+    """The visits progressive widening counts: real ones, as in the reference (virtual visits
+    only spread selection), and at least 1 while the node is being simulated from."""
+    return node.visits if node.visits or not node.virtual else 1
+
+
 def select(root: _Node, exploration: float) -> list[_Node]:
     """PEERS §6.3 selection, counting in-flight work: descend through active, unspent children
     by UCT; stop where the node may still widen or has no such child. Returns root..node."""
@@ -260,7 +281,7 @@ def select(root: _Node, exploration: float) -> list[_Node]:
         if not open_children:
             return path
         visits = node.effective_visits
-        if allowed_children(visits, node.depth) > len(node.children) + node.pending:
+        if allowed_children(_widening_visits(node), node.depth) > len(node.children) + node.pending:
             return path
         node = max(open_children, key=lambda c: uct(c.value, c.effective_visits, visits, exploration))
         path.append(node)
@@ -269,11 +290,35 @@ def select(root: _Node, exploration: float) -> list[_Node]:
 def expansion_need(node: _Node) -> int:
     """How many new children an expansion of `node` generates now (0: no room to widen).
     The reference checks room against all children, then fills up to the *unspent* count."""
-    allowed = allowed_children(node.effective_visits, node.depth)
+    allowed = allowed_children(_widening_visits(node), node.depth)
     if len(node.children) + node.pending >= allowed:
         return 0
     unspent = sum(1 for c in node.children if not c.spent) + node.pending
     return allowed - unspent
+
+
+def _only_leaves(node: _Node) -> bool:
+    """Whether the segments in flight below `node` can be taken to end in leaves too: every
+    complete child is a leaf, and there are enough of them (at most 2 in flight per leaf seen,
+    plus 1). Then the reference, which would have them complete by now, would widen `node` by
+    empty expansions; this lets a tree of one-segment outputs widen as fast as the evidence."""
+    return node.pending <= 2 * len(node.children) + 1 and all(c.leaf for c in node.children)
+
+
+def _visits_to_widen(node: _Node) -> int:
+    """Empty expansions (visits) it takes before `node` may have one more child."""
+    have = len(node.children) + node.pending
+    visits = _widening_visits(node)
+    if allowed_children(visits, node.depth) > have:
+        return 1
+    # ceil(sqrt(2) * v ** alpha) > have  <=>  v > (have / sqrt(2)) ** (1 / alpha)
+    target = (have / math.sqrt(2)) ** (1 / widening_alpha(node.depth))
+    need = max(1, int(min(target, 1e15)) - visits)
+    while need > 1 and allowed_children(visits + need - 1, node.depth) > have:
+        need -= 1  # float rounding at the boundary: the first count that makes room
+    while allowed_children(visits + need, node.depth) <= have and need < 1e15:
+        need += 1
+    return need
 
 
 def _ancestors(node: _Node | None):
@@ -373,6 +418,7 @@ class _TreeSearch:
         self.dec, self.n, self.params, self.seed = decoder, n, params, seed
         self.group_size, self.c, self.max_tokens = group_size, exploration, max_tokens
         self.on_variant = on_variant
+        self.penalize = params.repeat_penalty != 1.0 and params.penalty_last_n > 0
         self.budget = n * max_tokens * BUDGET_FACTOR
         self.max_growing = decoder.max_branches - 1  # one id stays the prompt anchor
         if max_jobs is not None and max_jobs < 1:
@@ -384,6 +430,8 @@ class _TreeSearch:
         self.waiting: deque[_Job] = deque()  # one entry per queued segment
         self.jobs: dict[_Job, None] = {}  # in flight, in start order
         self.sims_in_flight = 0
+        self.expanding = 0  # expansion segments queued or growing
+        self.expansion_segments = {False: 0, True: 0}  # completed ones: non-leaves, leaves
         self.seq_node: dict[int, _Node] = {}  # live seq -> node whose path it holds
         self.seq_len: dict[int, int] = {}  # live seq -> KV positions
         self.parked: OrderedDict[int, None] = OrderedDict()  # evictable seqs, oldest use first
@@ -429,32 +477,49 @@ class _TreeSearch:
     # ---- launching work
 
     def _launch(self) -> None:
-        """Open queued segments, then start the jobs selection asks for while ids and need last."""
+        """Open queued segments, then start the jobs selection asks for while ids and need last.
+
+        No more work is started than can still be needed: variants found, simulations in flight
+        and the expansion segments in flight expected to end in a leaf stay within `n`."""
         if not self._drain():
             return  # the pool is full: queued work keeps its place
-        noops = 0
+        noops = {False: 0, True: 0}  # empty expansions in a row: below the root, at the root
         while (not self.waiting and len(self.branches) < self.max_growing
                and len(self.jobs) < self.max_jobs
-               and len(self.variants) + self.sims_in_flight < self.n):  # fmt: skip
+               and (room := self.n - len(self.variants) - self.sims_in_flight - self._expected_leaves()) > 0):  # fmt: skip
             path = select(self.root, self.c)
             node = path[-1]
             if node.effective_visits == 0:
                 self._start_job(_SIMULATE, path, 1)
             elif (need := expansion_need(node)) > 0:
-                self._start_job(_EXPAND, path, need)
-            elif node.virtual > 0:
-                return  # work in flight below `node` will change the picture: wait for it
-            elif noops < NOOP_LIMIT:
-                self._backprop(node, 0.0)  # the reference's empty expansion: visits grow, room too
-                self.counts["noops"] += 1
-                noops += 1
+                self._start_job(_EXPAND, path, min(need, room))
+            elif node.virtual > 0 and not (node is self.root and _only_leaves(node)):
+                # Work in flight below `node` may open a child to descend into: wait for it. At
+                # the root of one-segment outputs that would serialise the variants (module
+                # docstring), so there the reference's empty expansions go on.
+                return
+            elif noops[node is self.root] < (limit := ROOT_NOOP_LIMIT if node is self.root else NOOP_LIMIT):
+                # The reference's empty expansion: back-propagate 0, so visits (and room) grow.
+                # Below the root one at a time (each lowers the path's UCT, so the next selection
+                # may go elsewhere); at the root nothing else changes between two of them, so as
+                # many as it takes to make room are made in one go.
+                count = min(_visits_to_widen(node), limit - noops[True]) if node is self.root else 1
+                self._backprop(node, 0.0, count)
+                self.counts["noops"] += count
+                noops[node is self.root] += count
                 continue
             else:
                 self._start_job(_EXPAND, path, 1)  # stuck: widen here by one (module docstring)
                 self.counts["forced"] += 1
-            noops = 0
+            noops = {False: 0, True: 0}
             if not self._drain():
                 return
+
+    def _expected_leaves(self) -> int:
+        """How many of the expansion segments in flight will end in a leaf (a variant), by the
+        share of completed ones that did (prior: one of each)."""
+        leaves, others = self.expansion_segments[True], self.expansion_segments[False]
+        return round(self.expanding * (leaves + 1) / (leaves + others + 2))
 
     def _start_job(self, kind: str, path: list[_Node], todo: int) -> None:
         job = _Job(kind, path, todo)
@@ -463,6 +528,8 @@ class _TreeSearch:
         job.node.pending += todo
         if kind == _SIMULATE:
             self.sims_in_flight += 1
+        else:
+            self.expanding += todo
         self.jobs[job] = None
         self.waiting.extend([job] * todo)
 
@@ -481,8 +548,10 @@ class _TreeSearch:
         return True
 
     def _open(self, job: _Job, parent: _Node, seq: int, feed: list[int]) -> None:
-        # Seeds follow the (deterministic) order in which segments start.
-        sampler = self.dec.new_sampler(self.params, derive_seed(self.seed, self.n_segments))
+        # Seeds follow the (deterministic) order in which segments start. The chain is new, so
+        # the repetition penalty is told what the path generated so far.
+        history = _path_tokens(parent, self.root.length)[-self.params.penalty_last_n :] if self.penalize else []
+        sampler = self.dec.new_sampler(self.params, derive_seed(self.seed, self.n_segments), history)
         self.n_segments += 1
         self.branches[seq] = _Branch(seq, parent, job, feed, sampler)
         job.running += 1
@@ -627,7 +696,7 @@ class _TreeSearch:
             at_limit = br.parent.gen_len + len(br.group.tokens) >= self.max_tokens
             if br.group.complete(self.group_size) or at_limit:
                 self._finish(br)
-                if len(self.variants) >= self.n:
+                if len(self.variants) >= self.n or self.duplicate_streak >= DUPLICATE_STREAK:
                     return
             else:
                 br.feed = [s.token]
@@ -637,6 +706,8 @@ class _TreeSearch:
         job = br.job
         self._close(br)
         node = self._add_node(br)
+        if job.kind == _EXPAND:
+            self.expansion_segments[node.leaf] += 1
         if node.leaf:
             self._backprop(node, node.score)
             self._yield_variant(node)
@@ -658,6 +729,8 @@ class _TreeSearch:
         br.sampler.free()
         br.parent.pending -= 1
         br.job.running -= 1
+        if br.job.kind == _EXPAND:
+            self.expanding -= 1
 
     def _add_node(self, br: _Branch) -> _Node:
         g = br.group
@@ -672,10 +745,10 @@ class _TreeSearch:
 
     # ---- search bookkeeping
 
-    def _backprop(self, node: _Node, score: float) -> None:
+    def _backprop(self, node: _Node, score: float, count: int = 1) -> None:
         for n in _ancestors(node):
-            n.visits += 1
-            n.value += score
+            n.visits += count
+            n.value += score * count
 
     def _end_job(self, job: _Job) -> None:
         for node in job.path:
@@ -736,6 +809,8 @@ class _TreeSearch:
         if job.todo:
             self.waiting = deque(j for j in self.waiting if j is not job)
             job.node.pending -= job.todo
+            if job.kind == _EXPAND:
+                self.expanding -= job.todo
             job.todo = 0
         self.counts["dropped"] += 1
         self._end_job(job)

@@ -217,8 +217,10 @@ class FakeDecoder:
         self.tokens_fed += sum(len(t) for t in feeds.values())
         self.batch_sizes.append(len(feeds))
 
-    def new_sampler(self, params: SamplingParams, seed: int) -> FakeSampler:
-        return FakeSampler(params, seed, self.live_samplers)
+    def new_sampler(self, params: SamplingParams, seed: int, history=()) -> FakeSampler:
+        sampler = FakeSampler(params, seed, self.live_samplers)
+        sampler.history = list(history)  # the fake has no repetition penalty; tests may check it
+        return sampler
 
     def sample(self, seq: int, sampler: FakeSampler, *, with_prob: bool = True) -> Sampled:
         s = self._live(seq)

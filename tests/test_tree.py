@@ -271,6 +271,56 @@ def test_one_segment_variants_do_not_stall_on_empty_expansions():
     assert res.stats["noops"] < 1000 * tree.NOOP_LIMIT
 
 
+def test_one_segment_outputs_grow_in_parallel():
+    """Every child of the root a leaf: the root widens by empty expansions as the leaves come
+    in (made in one go there), so the variants are decoded side by side, not one or two at a
+    time, for about the tokens of the reference's one-at-a-time order."""
+    one_segment = FakeModel(tags=2, tags_spread=1)  # at most 3 tags: always one group of 4
+    dec, res = run_tgts(64, model=one_segment)
+    assert len(res.variants) == 64 and all(v.depth == 1 for v in res.variants)
+    assert max(dec.batch_sizes) >= 32
+    sequential = tgts_sample(FakeDecoder(256, one_segment), PROMPT, 64, TREE_DEFAULTS, 1, max_jobs=1)
+    assert res.n_steps * 2 < sequential.n_steps
+    assert res.total_decoded < 1.1 * sequential.total_decoded
+    assert_all_released(dec)
+
+
+def test_widening_counts_real_visits_and_waits_for_open_children():
+    """Multi-segment outputs: while the first segments are in flight the root has 2 children
+    (1 visit while simulated from), as the reference's widening table says."""
+    dec = StepRecorder(256, FakeModel())
+    res = tgts_sample(dec, PROMPT, 16, TREE_DEFAULTS, 1)
+    assert dec.batch_sizes[:5] == [2] * 5  # a simulation and one expansion child of the root
+    assert len(res.variants) == 16
+
+
+class HistoryRecorder(FakeDecoder):
+    """Checks that each new sampler is told the generated tokens of the text it continues."""
+
+    def __init__(self, *a, penalized=True, **kw):
+        super().__init__(*a, **kw)
+        self.checked = 0
+        self.penalized = penalized
+
+    def sample(self, seq, sampler, **kw):
+        if not getattr(sampler, "verified", False):
+            generated = self.history(seq)[len(PROMPT):]
+            assert sampler.history == (generated[-64:] if self.penalized else [])
+            sampler.verified = True
+            self.checked += 1
+        return super().sample(seq, sampler, **kw)
+
+
+def test_each_segment_sampler_gets_the_path_history_for_the_repetition_penalty():
+    penalized = TREE_DEFAULTS.with_overrides(repeat_penalty=1.2)
+    dec = HistoryRecorder(256, SHORT)
+    res = tgts_sample(dec, PROMPT, 24, penalized, 3)
+    assert len(res.variants) == 24 and dec.checked == res.stats["segments"]
+    plain = HistoryRecorder(256, SHORT, penalized=False)
+    res = tgts_sample(plain, PROMPT, 4, TREE_DEFAULTS, 3)  # no penalty: nothing to tell
+    assert plain.checked == res.stats["segments"]
+
+
 def test_deterministic_for_a_seed():
     runs = [run_tgts(24, seed=s, max_branches=6, model=SHORT)[1] for s in (9, 9, 10)]
     assert [v.tokens for v in runs[0].variants] == [v.tokens for v in runs[1].variants]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import options as o
-from kgen_cli.console import err_console, stderr_is_tty
+from kgen_cli.console import err_console, info, stderr_is_tty
 from kgen_cli.errors import KgenError, UsageError
 
 
@@ -29,34 +30,76 @@ class OutputFormat(str, Enum):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM during a batch: finish writing, then exit 128 + signal."""
+    """SIGINT/SIGTERM during a batch: stop, write what finished, exit 128 + signal."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.exit_code = 128 + signum
 
 
-@contextmanager
-def _signals_raise():
-    def handler(signum, _frame):
-        raise Interrupted(signum)
+class _Stop:
+    """Signal handling that never cuts a write in half.
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    The first SIGINT/SIGTERM only sets a flag; the batch stops at its next safe point (before a
+    decode step, see `check`), after every result finished so far has been written. The
+    exception is raised at once when the batch is blocked reading its input (a quiet pipe or a
+    terminal), and on a second signal."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.reading = False
+        self.finishing = False
+
+    def handler(self, signum, _frame) -> None:
+        if self.finishing:
+            return
+        if self.signum is not None or self.reading:
+            self.signum = self.signum or signum
+            raise Interrupted(self.signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def blocking(self, wait):
+        """Run a blocking wait for input (`wait()`) so that a signal interrupts it at once."""
+        self.check()
+        self.reading = True
+        try:
+            return wait()
+        finally:
+            self.reading = False
+
+    def watch(self, stream):
+        """The input's lines, with this stop able to interrupt a blocking read."""
+        it = iter(stream)
+        while True:
+            try:
+                line = self.blocking(lambda: next(it))
+            except StopIteration:
+                return
+            yield line
+
+    @contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def batch(
     input: Annotated[str, typer.Argument(help="Prompt file, or '-' for stdin: one prompt per line, or JSONL objects.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")] = None,
-    input_format: Annotated[Optional[InputFormat], typer.Option("--input-format", help="lines or jsonl. [default: detected from the first prompt line]")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file ('-' or none: stdout).")] = None,
+    input_format: Annotated[Optional[InputFormat], typer.Option("--input-format", help="lines or jsonl (default: jsonl when the first prompt line is a JSON object).")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input).")] = OutputFormat.text,
-    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=256, help="Sequences decoded concurrently.")] = 16,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=256, help="Sequences decoded concurrently (continuous batching).")] = 16,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs already in -o OUTPUT and append the rest.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing line.")] = False,
+    timings: Annotated[bool, typer.Option("--timings/--no-timings", help="jsonl: include timings (--no-timings: a rerun gives a byte-identical file).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     nl: o.NlOpt = "",
     model: o.ModelOpt = None,
@@ -80,21 +123,39 @@ def batch(
     max_tokens: o.MaxTokensOpt = None,
     variants: o.VariantsOpt = 1,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: o.NCtxOpt = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells shared by all sequences (default: parallel x (max tokens + 256), at least 4096).")] = None,
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = False,
 ) -> None:
-    """Expand every prompt of a file or stdin. Line i gets seed S + i with --seed S.
+    """Expand every prompt of a file or stdin, concurrently; results in input order.
 
-    Results are written in input order; a bad line gives an error record (jsonl) or a message on
-    stderr and the batch goes on (exit status 1 at the end).
+    Input: one prompt per line (blank lines and # comments skipped), or JSONL objects with "tags",
+    "nl", "id", "seed" and any expand option by its long name ("tag_length", "width", "format",
+    ...); the command's options are the defaults. With --seed S the i-th prompt (from 0) gets seed
+    S + i unless its line sets one; a rerun with the same options reproduces the output exactly
+    on CPU. --parallel 1 gives what `kgen expand --seed S+i` gives; with more parallel sequences
+    the batched arithmetic differs slightly, so results can differ from a single expand.
+
+    Text output: one line per input (a multi-line --format is joined with spaces; a failed input
+    leaves an empty line, its error on stderr); with -n N up to N lines per input, fewer when
+    variants repeat. JSONL: one object per input (index, id or line number, input, seed, result,
+    timings) or one with "error". A bad line never stops the batch unless --fail-fast; the exit
+    status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
+    130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
+    written too, so the file may be out of order; their "index" tells).
     """
     from kgen_cli import batchjobs, runner
-    from kgen_cli.batchio import OrderedWriter, read_records, scan_done
+    from kgen_cli.batchio import OrderedWriter, PipeLines, count_prompts, read_records, scan_done
+    from kgen_cli.commands.expand import build_request
     from kgen_cli.registry import registry_spec_only, resolve_model
+    from kgen_cli.sampling import FAMILY_DEFAULTS
 
+    if output is not None and str(output) == "-":
+        output = None
     if resume and output is None:
         raise UsageError("--resume needs -o OUTPUT")
+    if output is not None:
+        _check_output(output, input)
     fam = family.value if family else None
     spec = registry_spec_only(model, fam)
     defaults = dict(
@@ -103,42 +164,82 @@ def batch(
         format_=format_, escape_parens=escape_parens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
     )
-    from kgen_cli.commands.expand import build_request
-
-    build_request("", **defaults)  # validate the shared options before touching the model
+    build_request("", **defaults)  # the shared options are checked before any model or file is touched
+    layers = runner.parse_gpu_layers(gpu_layers)
+    stream = sys.stdin.buffer if input == "-" else _open_input(input)
     fmt = output_format.value
     done = scan_done(str(output), fmt, variants) if resume else set()
     base_seed = runner.random_seed() if seed is None else seed
-    if verbose:
-        err_console.print(f"base seed {base_seed}", highlight=False)
 
     resolved = resolve_model(model, fam, download_missing=True)
-    engine, _load = runner.open_engine(runner.EngineConfig(
-        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=runner.parse_gpu_layers(gpu_layers),
-        threads=threads, verbose=verbose, n_seq_max=parallel, context_length=resolved.context_length))
-    stream = sys.stdin.buffer if input == "-" else _open_input(input)
-    out = sys.stdout if output is None else open(output, "a" if resume else "w", encoding="utf-8")
+    if n_ctx is None:
+        n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens)
+    engine, load_seconds = runner.open_engine(runner.EngineConfig(
+        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
+        n_seq_max=parallel, context_length=resolved.context_length))
+    if verbose:
+        info(f"model {resolved.name} ({resolved.family}), loaded in {load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
+             f"{parallel} parallel sequences, base seed {base_seed}")
+    out = sys.stdout if output is None else open(output, "a" if resume else "w", encoding="utf-8", newline="\n")
     writer = OrderedWriter(out, skip=done)
-    state = _BatchState(fail_fast=fail_fast)
+    state = _BatchState(fmt, writer, variants, fail_fast, timings)
+    stop = _Stop()
+    stats = None
     try:
-        with _signals_raise(), _progress(quiet, input) as progress:
-            records = (r for r in read_records(stream, input_format.value if input_format else None)
-                       if r.index not in done)
-            batchjobs.run_batch(
-                engine, records, defaults, base_seed, variants=variants, parallel=parallel,
-                on_done=lambda rec, res, err: state.record(rec, res, err, writer, fmt, progress),
-            )
-    except Interrupted as exc:
-        if fmt == "jsonl":
-            writer.flush_out_of_order()
-        err_console.print(f"interrupted: {state.finished} results written", highlight=False)
-        raise typer.Exit(exc.exit_code)
+        regular = _is_regular(stream)
+        total = max(0, count_prompts(input) - len(done)) if regular and input != "-" else None
+        with stop.installed(), _progress(quiet, total) as progress:
+            state.progress = progress
+            run = batchjobs.BatchRun(engine, defaults, base_seed, variants=variants, parallel=parallel,
+                                     on_done=state.record, check=stop.check)
+            if regular:
+                lines = stop.watch(stream)
+            else:
+                # A pipe or terminal: never wait on it while there is decoding to do.
+                lines = PipeLines(stream.fileno())
+                lines.busy, lines.wait = run.busy, stop.blocking
+            records = (r for r in read_records(lines, input_format.value if input_format else None)
+                       if r is None or r.index not in done)
+            try:
+                stats = run.run(records)
+                stop.check()  # a signal that came after the last decode still counts
+            except (Interrupted, _FailFast) as exc:
+                stop.finishing = True  # further signals wait until the records below are whole
+                early = writer.flush_out_of_order() if fmt == "jsonl" else 0
+                if isinstance(exc, _FailFast):
+                    raise KgenError(str(exc)) from None
+                note = f" ({early} of them out of input order)" if early else ""
+                info(f"interrupted: {writer.written} results written{note}; --resume -o OUTPUT completes the rest")
+                raise typer.Exit(exc.exit_code) from None
     finally:
         engine.close()
         if out is not sys.stdout:
             out.close()
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    if verbose and stats is not None:
+        stats.peak_pending = writer.peak_pending
+        info(f"batch: {stats.summary()}; at most {stats.peak_pending} results held back for ordering")
     if state.failed:
+        info(f"{state.failed} of {state.finished} inputs failed")
         raise typer.Exit(1)
+
+
+def _check_output(output: Path, input: str) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {output}: {parent} is not a directory")
+    if input != "-" and output.exists() and os.path.exists(input) and os.path.samefile(output, input):
+        raise UsageError("the output file is the input file")
+
+
+def _is_regular(stream) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _open_input(path: str):
@@ -148,68 +249,84 @@ def _open_input(path: str):
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
+class _FailFast(Exception):
+    pass
+
+
 class _BatchState:
-    def __init__(self, fail_fast: bool):
+    """Turns each finished record into output lines (and error messages)."""
+
+    def __init__(self, fmt: str, writer, variants: int, fail_fast: bool, timings: bool):
+        self.fmt = fmt
+        self.writer = writer
+        self.variants = variants
         self.fail_fast = fail_fast
+        self.timings = timings
         self.failed = 0
         self.finished = 0
-        self.stop = False
+        self.progress = lambda _result: None
 
-    def record(self, rec, result, error, writer, fmt, progress) -> None:
+    def record(self, rec, result, error) -> None:
         self.finished += 1
         if error is not None:
             self.failed += 1
-            message = str(error)
-            if fmt == "jsonl":
-                writer.add(rec.index, [json.dumps({"index": rec.index, "line": rec.line, "id": rec.id,
-                                                   "input": rec.fields, "error": message}, ensure_ascii=False)])
+            message = f"line {rec.line}: {error}"
+            if self.fmt == "jsonl":
+                body = {"index": rec.index, "id": rec.key, "line": rec.line, "input": rec.fields, "error": str(error)}
+                self.writer.add(rec.index, [json.dumps(body, ensure_ascii=False)])
             else:
-                err_console.print(f"line {rec.line}: {message}", highlight=False, markup=False)
-                writer.add(rec.index, [])
+                # One line per input keeps output line i with input prompt i (and --resume exact).
+                self.writer.add(rec.index, [""] if self.variants == 1 else [])
+                if not self.fail_fast:
+                    info(message)
             if self.fail_fast:
-                self.stop = True
-                raise KgenError(f"line {rec.line}: {message}")
+                raise _FailFast(message)
         else:
-            writer.add(rec.index, _render(rec, result, fmt))
-        progress(result)
+            self.writer.add(rec.index, self._render(rec, result))
+        self.progress(result)
 
+    def _render(self, rec, result) -> list[str]:
+        from kgen_cli.batchio import one_line
 
-def _render(rec, result, fmt: str) -> list[str]:
-    variants = result["variants"]
-    if fmt == "text":
-        return [v.formatted for v in variants]
-    body = {"index": rec.index, "line": rec.line, "id": rec.id, "input": rec.fields, "seed": result["seed"]}
-    if len(variants) == 1 and result["n"] == 1:
-        body.update(variants[0].to_dict())
-    else:
-        body["variants"] = [v.to_dict() for v in variants]
-        body["duplicates_removed"] = result["duplicates"]
-    return [json.dumps(body, ensure_ascii=False)]
+        variants = result["variants"]
+        if self.fmt == "text":
+            return [one_line(v.formatted) for v in variants]
+        body = {"index": rec.index, "id": rec.key, "line": rec.line, "input": rec.fields, "seed": result["seed"]}
+        if result["n"] == 1:
+            body.update(variants[0].to_dict())
+        else:
+            body["variants"] = [v.to_dict() for v in variants]
+            body["duplicates_removed"] = result["duplicates"]
+        if self.timings:
+            body["timings"] = result["timings"]
+        else:
+            for v in body.get("variants", [body]):
+                for call in v.get("calls", ()):
+                    call.pop("prompt_seconds", None)
+                    call.pop("generate_seconds", None)
+        return [json.dumps(body, ensure_ascii=False)]
 
 
 @contextmanager
-def _progress(quiet: bool, input_name: str):
-    """Progress on stderr (done, prompts/s, tokens/s, ETA) only when stderr is a terminal."""
+def _progress(quiet: bool, total: int | None):
+    """Progress on stderr (done/total, prompts/s, tokens/s, ETA) only when stderr is a terminal."""
     if quiet or not stderr_is_tty():
         yield lambda _result: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    total = None
-    if input_name != "-":
-        with open(input_name, "rb") as fh:
-            total = sum(1 for line in fh if line.strip() and not line.lstrip().startswith(b"#"))
     started = time.perf_counter()
-    tokens = [0]
+    counts = {"done": 0, "tokens": 0}
     with Progress(TextColumn("expanding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("batch", total=total, rate="")
 
         def advance(result) -> None:
+            counts["done"] += 1
             if result is not None:
-                tokens[0] += result.get("tokens", 0)
+                counts["tokens"] += result.get("tokens", 0)
             elapsed = max(time.perf_counter() - started, 1e-9)
-            done = bar.tasks[0].completed + 1
-            bar.update(task, advance=1, rate=f"{done / elapsed:.2f} prompts/s {tokens[0] / elapsed:.0f} tok/s")
+            bar.update(task, advance=1,
+                       rate=f"{counts['done'] / elapsed:.2f} prompts/s, {counts['tokens'] / elapsed:.0f} tok/s")
 
         yield advance

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import options as o
-from kgen_cli.console import err_console, stdout_is_tty, write_result
+from kgen_cli.console import info, stdout_is_tty, write_result
 from kgen_cli.errors import UsageError
 
 PromptArg = Annotated[
@@ -82,6 +82,7 @@ def expand(
         ban=ban, retries=retries, format_=format_, escape_parens=escape_parens, temperature=temperature,
         top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
     )
+    layers = runner.parse_gpu_layers(gpu_layers)  # usage errors first, before any file is touched
     if show_prompt:
         write_result(pipeline.first_prompt(request))
         return
@@ -92,22 +93,25 @@ def expand(
     resolved = resolve_model(model, fam, download_missing=True)
     seed = runner.random_seed() if seed is None else seed
     if verbose:
-        err_console.print(f"model {resolved.name} ({resolved.family}) {resolved.path}", highlight=False)
-        err_console.print(f"seed {seed}", highlight=False)
+        where = "" if resolved.name == str(resolved.path) else f" {resolved.path}"
+        info(f"model {resolved.name} ({resolved.family}){where}")
+        info(f"seed {seed}")
     config = runner.EngineConfig(
-        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=runner.parse_gpu_layers(gpu_layers),
-        threads=threads, verbose=verbose, n_seq_max=1 if variants == 1 else min(variants, runner.MAX_SEQUENCES),
-        context_length=resolved.context_length,
+        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers,
+        threads=threads, verbose=verbose, n_seq_max=1 if variants == 1 else min(variants + 1, runner.MAX_SEQUENCES),  # + the prompt anchor
+        context_length=resolved.context_length, max_tokens=request.params.max_tokens,
     )
     engine, load_seconds = runner.open_engine(config)
     try:
         started = time.perf_counter()
         if variants == 1:
-            on_text = _stream_to_terminal() if (stream and stdout_is_tty() and not json_) else None
-            result = runner.expand(engine, request, seed, on_text=on_text)
+            on_text = _TerminalStream() if (stream and stdout_is_tty() and not json_) else None
+            try:
+                result = runner.expand(engine, request, seed, on_text=on_text)
+            finally:
+                if on_text is not None:
+                    on_text.end()  # the final prompt (or an error) starts on a line of its own
             wall = time.perf_counter() - started
-            if on_text is not None:
-                sys.stdout.write("\n")
             if json_:
                 write_result(json.dumps(_single_json(text, request, resolved, engine, seed, result, load_seconds, wall), ensure_ascii=False))
             else:
@@ -127,8 +131,8 @@ def expand(
             for v in out.variants:
                 write_result(v.formatted)
         if verbose:
-            err_console.print(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
-                              f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s", highlight=False)
+            info(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
+                 f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s")
     finally:
         engine.close()
 
@@ -137,6 +141,7 @@ def build_request(text: str, *, nl: str, family: str, quality_line: bool, tag_le
                   width, height, aspect_ratio, ban, retries, format_, escape_parens, temperature, top_p, top_k,
                   min_p, repeat_penalty, max_tokens):
     """Validate the CLI's generation options into a `pipeline.ExpandRequest` (UsageError on bad input)."""
+    from kgen_cli.engine import validate_params
     from kgen_cli.formats.bans import BanList
     from kgen_cli.formats.templates import resolve_format
     from kgen_cli.pipeline import ExpandRequest, validate
@@ -149,6 +154,7 @@ def build_request(text: str, *, nl: str, family: str, quality_line: bool, tag_le
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repeat_penalty=repeat_penalty, max_tokens=max_tokens,
     )
+    validate_params(params, 0)  # what llama.cpp would refuse, before a model is loaded
     request = ExpandRequest(
         tags=text, nl=nl, family=family, tag_length=_level(tag_length), nl_length=_level(nl_length),
         operation=operation, aspect_ratio=ratio, template=resolve_format(format_), bans=BanList.parse(ban or []),
@@ -176,12 +182,31 @@ def _aspect_ratio(width: int | None, height: int | None, aspect_ratio: float | N
     return 1.0 if aspect_ratio is None else aspect_ratio
 
 
-def _stream_to_terminal():
-    def on_text(text: str) -> None:
-        sys.stdout.write(f"\x1b[2m{text}\x1b[0m")
-        sys.stdout.flush()
+# C0 controls and DEL except tab and newline: model text must not drive the terminal (ESC would
+# start an escape sequence, CR would overwrite the line).
+_CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
 
-    return on_text
+
+class _TerminalStream:
+    """Generated text, dimmed, live on the terminal (stdout is one when this is used)."""
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+
+    def __call__(self, text: str) -> None:
+        text = text.translate(_CONTROLS)
+        if not text:
+            return
+        # Dim each line's text; the newlines themselves stay outside the escape sequences.
+        sys.stdout.write("\n".join(f"\x1b[2m{line}\x1b[0m" if line else "" for line in text.split("\n")))
+        sys.stdout.flush()
+        self.at_line_start = text.endswith("\n")
+
+    def end(self) -> None:
+        if not self.at_line_start:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.at_line_start = True
 
 
 def _common_json(text, request, resolved, engine, seed, load_seconds) -> dict:
@@ -191,12 +216,27 @@ def _common_json(text, request, resolved, engine, seed, load_seconds) -> dict:
                   "family": resolved.family, "quality_line": request.quality_line},
         "family": request.family,
         "seed": seed,
-        "device": "gpu" if getattr(engine, "n_gpu_layers", 0) else "cpu",
+        **_engine_json(engine),
         "sampling": request.params.to_dict(),
         "request": {"tag_length": request.tag_length, "nl_length": request.nl_length,
                     "operation": request.operation, "aspect_ratio": request.aspect_ratio,
                     "bans": request.bans.patterns, "retries": request.retries},
         "timings": {"load_seconds": round(load_seconds, 4)},
+    }
+
+
+def _engine_json(engine) -> dict:
+    """Where the model ran: "device" and the context llama.cpp gave us."""
+    from kgen_cli import engine as engine_mod
+
+    model_info = getattr(engine, "model_info", {})
+    offload = engine_mod.gpu_offload_supported()
+    # What llama.cpp really offloads: nothing without GPU support, at most every layer + output.
+    layers = min(int(model_info.get("n_gpu_layers", 0)), int(model_info.get("n_layer", 0)) + 1) if offload else 0
+    return {
+        "device": "gpu" if layers > 0 else "cpu",
+        "engine": {"n_ctx": engine.n_ctx, "n_threads": model_info.get("n_threads"), "gpu_layers": layers,
+                   "gpu_offload_supported": offload},
     }
 
 
@@ -228,5 +268,5 @@ def _report_timings(result, load_seconds: float, wall: float) -> None:
     calls = result.to_dict().get("calls", [])
     n_gen = sum(c.get("n_tokens", 0) for c in calls)
     gen_s = sum(c.get("generate_seconds", 0) for c in calls) or 1e-9
-    err_console.print(f"load {load_seconds:.2f}s, {len(calls)} model calls, {n_gen} tokens, "
-                      f"{n_gen / gen_s:.1f} tok/s, wall {wall:.2f}s", highlight=False)
+    info(f"load {load_seconds:.2f}s, {len(calls)} model calls, {n_gen} tokens, "
+         f"{n_gen / gen_s:.1f} tok/s, wall {wall:.2f}s")

