@@ -29,6 +29,9 @@ _LINE_KEYS = {"format": "format_"}
 # they need more and may then run a little less parallel (they wait for cells, never fail).
 PROMPT_CELLS = 256
 MIN_N_CTX = 4096
+# A new prompt that starts with this many tokens of a live one forks it instead of decoding them
+# again: TIPO prompts share a ~20-token header ("aspect_ratio: ...\ntarget: ...\ntag: ").
+SHARE_PREFIX = 8
 MAX_N_CTX = 65536
 
 
@@ -50,6 +53,7 @@ class BatchStats:
     model_calls: int = 0  # sequences opened or forked: one per model call
     steps: int = 0  # llama_decode calls
     tokens_decoded: int = 0  # prompts included
+    prompt_tokens_shared: int = 0  # prompt tokens forked from a live sequence instead of decoded
     generated_tokens: int = 0
     peak_sequences: int = 0  # the most sequences fed in one decode step
     refills: int = 0  # calls admitted while other sequences were mid-generation
@@ -59,7 +63,7 @@ class BatchStats:
         return (f"{self.records} prompts ({self.failed} failed), {self.model_calls} model calls, "
                 f"{self.steps} decode steps, up to {self.peak_sequences} sequences at once, "
                 f"{self.refills} slot refills, {self.tokens_decoded} tokens decoded "
-                f"({self.generated_tokens} generated)")
+                f"({self.generated_tokens} generated, {self.prompt_tokens_shared} prompt tokens shared)")
 
 
 class _Instrumented:
@@ -180,7 +184,8 @@ class BatchRun:
         self.stats = BatchStats()
         self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
         self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
-                                   n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max))
+                                   n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max),
+                                   share_prefix=SHARE_PREFIX)
 
     def busy(self) -> bool:
         """Whether model calls are decoding or waiting for a slot."""
@@ -193,6 +198,7 @@ class BatchRun:
         finally:
             stats.tokens_decoded = scheduler.stats.tokens_decoded
             stats.generated_tokens = scheduler.stats.generated_tokens
+            stats.prompt_tokens_shared = scheduler.stats.prompt_tokens_shared
         return stats
 
     def _jobs(self, records):

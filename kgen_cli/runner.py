@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
 
-from kgen_cli.errors import EngineError, UsageError
+from kgen_cli.errors import EngineError, KgenError, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand
 from kgen_cli.sampling import Completion, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler
@@ -205,7 +205,7 @@ def expand_variants(
                 except StopIteration as stop:
                     on_result(i, stop.value, None)
                     continue
-                except BaseException as exc:  # noqa: BLE001 - reported like any job error
+                except KgenError as exc:  # reported like any job error (as the scheduler does)
                     on_result(i, None, exc)
                     continue
                 yield i, _resume(job, nxt)

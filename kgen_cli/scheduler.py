@@ -53,6 +53,16 @@ class SchedulerStats:
     generated_tokens: int = 0
 
 
+def _common_prefix(prompt: list[int], other: list[int]) -> int:
+    """Leading tokens `prompt` shares with `other`, at most len(prompt) - 1 (one is always fed)."""
+    n = 0
+    for a, b in zip(prompt[: len(prompt) - 1], other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class Scheduler:
     """Drive many jobs to completion over one `BranchDecoder`."""
 
@@ -64,9 +74,14 @@ class Scheduler:
         n_ctx: int,
         parallel: int = 16,
         on_piece: Callable[[Hashable, str], None] | None = None,
+        share_prefix: int = 0,
     ):
+        """`share_prefix` > 0: a new prompt that starts with at least that many tokens of a live
+        request's prompt forks that sequence and decodes only the rest (TIPO prompts share their
+        header); 0 shares whole identical prompts only."""
         if parallel < 1:
             raise KgenError("parallel must be at least 1")
+        self.share_prefix = share_prefix
         self.decoder = decoder
         self.tokenize = tokenize
         self.n_ctx = n_ctx
@@ -146,8 +161,11 @@ class Scheduler:
 
         Prefill is never a decode of its own: that would overwrite the logits the other live
         sequences are about to sample from. A prompt identical to a live one forks it instead and
-        feeds only its last token again."""
+        feeds only its last token again; with `share_prefix`, a prompt that starts like a live one
+        forks it at the common prefix and feeds the rest (one that starts like a prompt decoded in
+        this very step waits for the next step, to fork it then)."""
         prefilling: list[list[int]] = []
+        admitted: set[int] = set()  # sequences whose prompt cells are only decoded by this step
         while self._waiting and len(self._live) < self.parallel:
             call = self._waiting[0]
             budget = len(call.prompt) + call.request.params.max_tokens
@@ -156,6 +174,10 @@ class Scheduler:
             if call.prompt in prefilling:
                 return  # its twin is being prefilled in this step: fork from it next step
             twin = self._live_with_prompt(call.prompt)
+            prefix = None if twin is not None else self._longest_prefix(call.prompt, admitted)
+            if twin is None and prefix is None and self.share_prefix and any(
+                    _common_prefix(call.prompt, p) >= self.share_prefix for p in prefilling):
+                return  # it starts like a prompt decoded in this step: fork from that one next step
             self._waiting.popleft()
             call.started = time.perf_counter()
             call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
@@ -163,12 +185,33 @@ class Scheduler:
                 call.seq = self.decoder.fork(twin.seq, len(call.prompt) - 1)
                 feeds[call.seq] = [call.prompt[-1]]
                 self.stats.prompt_tokens_shared += len(call.prompt) - 1
+            elif prefix is not None:
+                parent, keep = prefix
+                call.seq = self.decoder.fork(parent.seq, keep)
+                feeds[call.seq] = list(call.prompt[keep:])
+                self.stats.prompt_tokens_shared += keep
+                prefilling.append(call.prompt)
             else:
                 call.seq = self.decoder.open()
                 feeds[call.seq] = list(call.prompt)
                 prefilling.append(call.prompt)
             self._live[call.seq] = call
+            admitted.add(call.seq)
             self.stats.prompt_tokens += len(call.prompt)
+
+    def _longest_prefix(self, prompt: list[int], admitted: set[int]) -> tuple[_Call, int] | None:
+        """The live request whose (decoded) prompt shares the longest start with `prompt`, if that
+        is at least `share_prefix` tokens; at most len(prompt) - 1, so one token is fed for logits."""
+        if not self.share_prefix:
+            return None
+        best, best_n = None, self.share_prefix - 1
+        for seq, call in self._live.items():
+            if seq in admitted:
+                continue
+            n = _common_prefix(prompt, call.prompt)
+            if n > best_n:
+                best, best_n = call, n
+        return (best, best_n) if best is not None else None
 
     def _live_with_prompt(self, prompt: list[int]) -> _Call | None:
         for call in self._live.values():

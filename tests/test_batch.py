@@ -190,6 +190,31 @@ def test_variants_share_the_prompt_and_drop_duplicates():
     assert decoder.forks >= 4  # variants 1 and 2 of each prompt fork its KV cells
 
 
+def test_prompts_with_a_common_start_share_its_cells_and_give_the_same_results():
+    header = "aspect_ratio: 1.0\ntarget: <|long|>\ntag: "
+
+    def job(i):  # calls of different lengths: slots free up one by one, while others still run
+        params = FAMILY_DEFAULTS["tipo"].with_overrides(max_tokens=10 + 7 * i % 13)
+        completion = yield CompletionRequest(header + f"1girl, tag {i}, " + "x" * (i % 5), i, params)
+        return completion.text
+
+    runs = []
+    for share in (0, 8):
+        decoder = FakeDecoder(max_branches=4)
+        results = {}
+        sched = Scheduler(decoder, fake_tokenize, n_ctx=4096, parallel=4, share_prefix=share)
+        sched.run([(i, job(i)) for i in range(12)], lambda k, v, e: results.__setitem__(k, (v, e)))
+        runs.append((results, sched.stats, decoder))
+    (plain, plain_stats, _), (shared, stats, decoder) = runs
+    assert shared == plain and all(e is None for _, e in shared.values())  # forks kept the right tokens
+    assert plain_stats.prompt_tokens_shared == 0
+    common = len(header) + len("1girl, tag ")
+    # Every prompt but the first forks: even the 3 that come with it wait one step to do so.
+    assert decoder.forks == 11 and stats.prompt_tokens_shared >= 11 * common
+    assert stats.tokens_decoded == plain_stats.tokens_decoded - stats.prompt_tokens_shared
+    assert decoder.live_seqs == 0 and decoder.live_cells == 0
+
+
 def test_default_context_runs_16_tipo_calls_at_once():
     """TIPO defaults (512 new tokens) with --parallel 16: the scheduler reserves prompt + 512
     cells per call, and batch's default n_ctx leaves room for 16 such calls with 200-token prompts."""
@@ -250,9 +275,9 @@ def owns(text: str, prompt: str) -> bool:
 
 def stats_line(stderr: bytes) -> dict[str, int]:
     m = re.search(r"batch: (\d+) prompts \((\d+) failed\), (\d+) model calls, (\d+) decode steps, up to (\d+) "
-                  r"sequences at once, (\d+) slot refills", stderr.decode())
+                  r"sequences at once, (\d+) slot refills.* (\d+) prompt tokens shared", stderr.decode())
     assert m, stderr.decode()[-2000:]
-    keys = ("prompts", "failed", "calls", "steps", "peak", "refills")
+    keys = ("prompts", "failed", "calls", "steps", "peak", "refills", "shared")
     return dict(zip(keys, map(int, m.groups())))
 
 
@@ -279,6 +304,7 @@ def test_stdin_jsonl_in_order_with_16_sequences_at_once_and_refills(model_path, 
     s = stats_line(proc.stderr)
     assert (s["prompts"], s["failed"], s["calls"], s["peak"]) == (32, 0, 32, 16)
     assert s["refills"] >= 8  # finished sequences were replaced while others still decoded
+    assert s["shared"] >= 16 * s["refills"]  # refills fork the TIPO header of a live prompt
     assert s["steps"] < sum(d["calls"][0]["n_tokens"] for d in docs) / 2
 
 
