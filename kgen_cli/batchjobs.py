@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from kgen_cli.console import debug_enabled
-from kgen_cli.errors import KgenError, UsageError
+from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.pipeline import run_expand
 from kgen_cli.sampling import derive_seed
 from kgen_cli.scheduler import Scheduler
@@ -125,6 +125,31 @@ def _guarded(job):
         raise KgenError(f"internal error: {type(exc).__name__}: {exc}") from exc
 
 
+def _guarded_call(fn: Callable[[], Any]) -> Any:
+    """`fn()`, its unexpected exceptions (a bug met on one odd model output) turned into a
+    KgenError that fails its record only, as `_guarded` does for jobs."""
+    try:
+        return fn()
+    except (KgenError, StopRequested):
+        raise
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        raise KgenError(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+
+def _timings(results, started: float) -> dict:
+    calls = [c for r in results for c in r.calls]
+    return {
+        "model_calls": len(calls),
+        "prompt_tokens": sum(c.n_prompt_tokens for c in calls),
+        "generated_tokens": sum(c.n_tokens for c in calls),
+        "prompt_seconds": round(sum(c.prompt_seconds for c in calls), 4),
+        "generate_seconds": round(sum(c.generate_seconds for c in calls), 4),
+        "wall_seconds": round(time.perf_counter() - started, 4),
+    }
+
+
 def line_request(rec, defaults: dict, base_seed: int):
     """(ExpandRequest, seed) for one record: the command's options with the line's own on top.
     Raises UsageError for a bad line."""
@@ -177,10 +202,14 @@ class BatchRun:
 
     def __init__(self, engine, defaults: dict, base_seed: int, *, variants: int = 1, parallel: int = 16,
                  on_done: Callable[[Any, dict | None, BaseException | None], None],
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, sampler: str = "independent",
+                 group_size: int = 4, exploration: float = 1.0):
         from kgen_cli.runner import tokenizer
 
         self.defaults, self.base_seed, self.variants, self.on_done = defaults, base_seed, variants, on_done
+        self.engine, self.check = engine, check
+        self.trees = sampler == "tgts" and variants > 1
+        self.tree_options = {"group_size": group_size, "exploration": exploration}
         self.stats = BatchStats()
         self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
         self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
@@ -192,6 +221,8 @@ class BatchRun:
         return self.scheduler.busy
 
     def run(self, records: Iterable) -> BatchStats:
+        if self.trees:
+            return self._run_trees(records)
         stats, scheduler = self.stats, self.scheduler
         try:
             scheduler.run(self._jobs(records), self._on_result)
@@ -199,6 +230,41 @@ class BatchRun:
             stats.tokens_decoded = scheduler.stats.tokens_decoded
             stats.generated_tokens = scheduler.stats.generated_tokens
             stats.prompt_tokens_shared = scheduler.stats.prompt_tokens_shared
+        return stats
+
+    def _run_trees(self, records: Iterable) -> BatchStats:
+        """-n N with TGTS: one record at a time, its N variants from one token-group tree (the
+        tree's branches are the batch), as `kgen expand -n N` makes them."""
+        from kgen_cli.runner import expand_variants
+
+        stats = self.stats
+
+        def before_step() -> None:
+            if self.check is not None:
+                self.check()
+            stats.steps += 1
+
+        for rec in records:
+            if rec is None:
+                continue  # no input ready: nothing is decoding meanwhile, so the reader may block
+            stats.records += 1
+            started = time.perf_counter()
+            seed = None
+            try:
+                request, seed = line_request(rec, self.defaults, self.base_seed)
+                out = _guarded_call(lambda: expand_variants(
+                    self.engine, request, self.variants, seed, sampler="tgts", check=before_step, **self.tree_options))
+            except KgenError as exc:
+                stats.failed += 1
+                self.on_done(rec, None, exc)
+                continue
+            stats.model_calls += sum(len(v.calls) for v in out.variants)
+            stats.tokens_decoded += out.tokens_decoded
+            generated = sum(c.n_tokens for v in out.variants for c in v.calls)
+            stats.generated_tokens += generated
+            self.on_done(rec, {"variants": out.variants, "n": self.variants, "duplicates": out.duplicates,
+                               "seed": seed, "tokens": generated,
+                               "timings": _timings(out.variants, started)}, None)
         return stats
 
     def _jobs(self, records):
@@ -243,15 +309,7 @@ class BatchRun:
             if r.formatted not in seen:
                 seen.add(r.formatted)
                 unique.append(r)
-        calls = [c for r in results for c in r.calls]
-        timings = {
-            "model_calls": len(calls),
-            "prompt_tokens": sum(c.n_prompt_tokens for c in calls),
-            "generated_tokens": sum(c.n_tokens for c in calls),
-            "prompt_seconds": round(sum(c.prompt_seconds for c in calls), 4),
-            "generate_seconds": round(sum(c.generate_seconds for c in calls), 4),
-            "wall_seconds": round(time.perf_counter() - group["started"], 4),
-        }
+        timings = _timings(results, group["started"])
         on_done(group["rec"], {"variants": unique, "n": variants, "duplicates": variants - len(unique),
                                "seed": group["seed"], "tokens": timings["generated_tokens"], "timings": timings},
                 None)

@@ -35,3 +35,7 @@ class DownloadError(KgenError):
 
 class EngineError(KgenError):
     """llama.cpp refused a model, a context or a decode."""
+
+
+class StopRequested(Exception):
+    """A long run asked to stop (kgen batch: a signal, --fail-fast): never one input's error."""

@@ -97,13 +97,15 @@ class ModelSpec:
 class ResolvedModel:
     """What `--model` came to: a display name, the GGUF (None only from `registry_spec_only` for a
     registry model), the prompt family, the registry entry (None for a local path) and whether the
-    DTG prompt carries a `quality:` line."""
+    DTG prompt carries a `quality:` line. `family_assumed`: a local file whose name says neither
+    family and no `--family`, prompted as TIPO (the commands say so on stderr)."""
 
     name: str
     path: Path | None
     family: str
     spec: ModelSpec | None
     quality_line: bool
+    family_assumed: bool = False
 
     @property
     def context_length(self) -> int | None:
@@ -448,9 +450,18 @@ def _resolve_path(model: str, family: str | None, *, need_file: bool) -> Resolve
             raise ModelNotFoundError(f"not a file: {model}")
         path = path.resolve()
     chosen = family or guess_family(path)
-    if chosen is None:
-        raise UsageError(f"cannot tell the model family from the file name '{path.name}'",
-                         hint="pass --family tipo or --family dtg")  # fmt: skip
+    # A renamed or fine-tuned file: TIPO, kgen's default family, rather than a usage error.
+    assumed = chosen is None
+    chosen = chosen or "tipo"
     # The peers name DTG files <repo>_<file>: only the delta models have the quality line.
     quality_line = chosen == "dtg" and "delta" in path.name.lower()
-    return ResolvedModel(name=str(path), path=path, family=chosen, spec=None, quality_line=quality_line)
+    return ResolvedModel(name=str(path), path=path, family=chosen, spec=None, quality_line=quality_line,
+                         family_assumed=assumed)
+
+
+def family_note(resolved: ResolvedModel) -> str | None:
+    """The stderr line for a family that was assumed, not told; None otherwise."""
+    if not resolved.family_assumed:
+        return None
+    return (f"note: '{Path(resolved.name).name}' names neither TIPO nor DTG: prompting it as TIPO "
+            f"(--family dtg for a DanTagGen model)")

@@ -117,6 +117,7 @@ class VariantsResult:
     requested: int = 0
     steps: int = 0  # llama_decode calls
     stop_reason: str = "complete"  # why the first-call sampler stopped (tree.tgts_sample)
+    rounds: int = 1  # generation rounds (further ones replace variants that repeated an earlier one)
 
     def to_dict(self) -> dict:
         n = len(self.variants)
@@ -133,8 +134,14 @@ class VariantsResult:
                 "variants_per_second": round(n / self.wall_seconds, 3) if self.wall_seconds > 0 else None,
                 "sampler": self.sampler,
                 "stop_reason": self.stop_reason,
+                "rounds": self.rounds,
             },
         }
+
+
+# Rounds of `expand_variants`: when post-processing maps different generations to the same
+# prompt, the missing variants are generated again (new seeds), while rounds still add some.
+MAX_ROUNDS = 4
 
 
 def expand_variants(
@@ -147,8 +154,9 @@ def expand_variants(
     group_size: int = 4,
     exploration: float = 1.0,
     parallel: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> VariantsResult:
-    """Up to N distinct variants of one prompt.
+    """N distinct variants of one prompt (fewer only when the model cannot give more).
 
     Variant i runs the normal pipeline (parse, model calls, post-process, format) with seed
     `derive_seed(seed, i)`. Their first model calls have the same prompt: with `tgts` they are
@@ -156,14 +164,61 @@ def expand_variants(
     sampled sequences forked from the prompt's KV cache (`tree.independent_sample`, variant i
     sampled with the seed its own single expand would use). Later calls (retries, further
     operations) are batched by the continuous-batching scheduler. Variants whose formatted
-    output repeats an earlier one are removed. When the tree stops short of N distinct first
-    calls (a model that keeps repeating itself, or the token budget), the jobs it could not
-    serve are not run: fewer variants come back, and `stop_reason` says why.
+    output repeats an earlier one are removed, and the missing ones are drawn in a further round
+    (jobs n, n+1, ...: new seeds; twice as many as missing, plus 2, the first distinct ones
+    kept), up to `MAX_ROUNDS` rounds while each adds a variant.
+    When the tree stops short (a model that keeps repeating itself, or the token budget), no
+    further round runs: fewer variants come back, and `stop_reason` says why. `check()` runs
+    before every decode step and may raise to stop (kgen batch's signals).
     """
     started = time.perf_counter()
     counters = getattr(engine, "counters", None)
     steps_before = counters.decode_calls if counters else 0
-    jobs = {i: run_expand(request, derive_seed(seed, i)) for i in range(n)}
+    variants, extras, seen = [], [], set()
+    dups = tokens = rounds = 0
+    tree_json, stop_reason, next_job = None, "complete", 0
+    while len(variants) < n and rounds < MAX_ROUNDS:
+        # A further round draws more than it misses: the likeliest outputs come back first.
+        want = n if not rounds else min(n, 2 * (n - len(variants)) + 2)
+        done = _variants_round(engine, request, range(next_job, next_job + want), seed, sampler, group_size,
+                               exploration, parallel or max(1, min(n, engine.n_seq_max)), check)
+        next_job, rounds = next_job + want, rounds + 1
+        tokens += done.tokens
+        dups += done.tree_duplicates
+        tree_json = tree_json or done.tree
+        stop_reason = done.stop_reason
+        before = len(variants)
+        for value, extra in done.results:
+            if len(variants) == n:
+                break
+            if value.formatted in seen:
+                dups += 1
+                continue
+            seen.add(value.formatted)
+            variants.append(value)
+            extras.append(extra)
+        if stop_reason != "complete" or len(variants) == before:
+            break
+    return VariantsResult(
+        variants, dups, tokens, time.perf_counter() - started, sampler if n > 1 else "single", tree_json,
+        extras, requested=n, steps=(counters.decode_calls - steps_before) if counters else 0,
+        stop_reason=stop_reason, rounds=rounds,
+    )
+
+
+@dataclass
+class _Round:
+    results: list[tuple[ExpandResult, dict]]  # in job order: the result, its per-variant figures
+    tokens: int
+    tree: dict | None
+    stop_reason: str
+    tree_duplicates: int
+
+
+def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, sampler: str, group_size: int,
+                    exploration: float, parallel: int, check: Callable[[], None] | None) -> _Round:
+    """Run jobs `job_ids` of `expand_variants` (job i with seed `derive_seed(seed, i)`)."""
+    jobs = {i: run_expand(request, derive_seed(seed, i)) for i in job_ids}
     results: dict[int, tuple[Any, BaseException | None]] = {}
     on_result = lambda k, v, e: results.__setitem__(k, (v, e))  # noqa: E731
     first: dict[int, CompletionRequest] = {}
@@ -183,7 +238,7 @@ def expand_variants(
         # does not goes through the scheduler like any later call.
         shared = [i for i in first if first[i].prompt == lead.prompt and first[i].params == lead.params]
         if len(shared) > 1 and sampler in ("tgts", "independent"):
-            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration)
+            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration, check)
             prompt_len = out.tree.get("prompt_tokens", 0)
             tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
             stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
@@ -212,32 +267,22 @@ def expand_variants(
             else:
                 yield i, _resume(job, first[i])
 
-    scheduler = Scheduler(engine.branches(), tokenizer(engine), n_ctx=engine.n_ctx,
-                          parallel=parallel or max(1, min(n, engine.n_seq_max)))
+    scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx, parallel=parallel)
     scheduler.run(continue_jobs(), on_result)
     tokens += scheduler.stats.tokens_decoded
 
-    variants, extras, seen, dups = [], [], set(), tree_dups
-    for i in range(n):
+    done = []
+    for i in job_ids:
         if i not in results:
             continue  # not served by the tree (fewer variants; see stop_reason)
         value, error = results[i]
         if error is not None:
             raise error
-        if value.formatted in seen:
-            dups += 1
-            continue
-        seen.add(value.formatted)
-        variants.append(value)
         extra = dict(per_variant.get(i, {}))
         if extra:  # later model calls of this variant (scheduler): prompt + decoded tokens
             extra["tokens_decoded"] += sum(_call_tokens(c) for c in value.calls[1:])
-        extras.append(extra)
-    return VariantsResult(
-        variants, dups, tokens, time.perf_counter() - started, sampler if n > 1 else "single", tree_json,
-        extras, requested=n, steps=(counters.decode_calls - steps_before) if counters else 0,
-        stop_reason=stop_reason,
-    )
+        done.append((value, extra))
+    return _Round(done, tokens, tree_json, stop_reason, tree_dups)
 
 
 def _call_tokens(call) -> int:
@@ -257,7 +302,27 @@ def _resume(job, request):
         completion = yield request
 
 
-def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float):
+class _Checked:
+    """A BranchDecoder that runs `check()` before every step, where a stop request may raise."""
+
+    def __init__(self, decoder, check: Callable[[], None]):
+        self._decoder, self._check = decoder, check
+
+    def __getattr__(self, name: str):
+        return getattr(self._decoder, name)
+
+    def step(self, feeds: dict[int, list[int]]) -> None:
+        self._check()
+        self._decoder.step(feeds)
+
+
+def _branches(engine, check: Callable[[], None] | None):
+    decoder = engine.branches()
+    return decoder if check is None else _Checked(decoder, check)
+
+
+def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float,
+                 check: Callable[[], None] | None = None):
     """Serve n identical first model calls at once: one TGTS tree, or n independent samples
     (sample i with seed `derive_seed(request.seed, i)`, the seed job i would use) sharing the
     prompt's KV cells. Returns the `tree.TreeResult`."""
@@ -268,7 +333,7 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
     if max_tokens < 1:
         raise EngineError(f"the prompt is {len(prompt)} tokens, the context ({engine.n_ctx}) has no room "
                           "left to generate; raise --n-ctx")
-    decoder = engine.branches()
+    decoder = _branches(engine, check)
     if sampler == "tgts":
         return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
                            exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx)

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from fake_decoder import FakeDecoder
-from kgen_cli import batchjobs
+from kgen_cli import batchjobs, runner
 from kgen_cli.batchio import InputRecord, one_line, read_records
 from kgen_cli.cli import main
-from kgen_cli.errors import KgenError, UsageError
+from kgen_cli.commands.expand import build_request
+from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.sampling import FAMILY_DEFAULTS, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler
 
@@ -188,6 +189,68 @@ def test_variants_share_the_prompt_and_drop_duplicates():
         base = 100 + rec.index
         assert {v.seed for v in res["variants"]} <= {derive_seed(base, v) for v in range(3)}
     assert decoder.forks >= 4  # variants 1 and 2 of each prompt fork its KV cells
+
+
+def test_batch_variants_from_a_tgts_tree_per_input():
+    lines = ["1girl, solo", "cat, outdoors", "scenery"]
+    done, stats, decoder = run(lines, variants=4, parallel=8, sampler="tgts")
+    assert [rec.index for rec, _, _ in done] == [0, 1, 2]  # one input at a time, in order
+    for rec, res, err in done:
+        assert err is None and res["n"] == 4 and res["seed"] == 100 + rec.index
+        assert len({v.formatted for v in res["variants"]}) == len(res["variants"]) == 4
+        # the same variants `kgen expand -n 4` makes for that input and seed
+        alone = runner.expand_variants(FakeEngine(n_seq_max=8), build_request(lines[rec.index], **defaults()),
+                                       4, 100 + rec.index, sampler="tgts")
+        assert [v.formatted for v in res["variants"]] == [v.formatted for v in alone.variants]
+    assert stats.records == 3 and stats.failed == 0 and stats.steps > 0 and stats.tokens_decoded > 0
+    assert decoder.forks > 0 and decoder.live_seqs == 0 and decoder.live_cells == 0
+
+
+def test_batch_tgts_bad_line_fails_alone_and_check_stops_it():
+    lines = recs(['{"tags": "1girl"}', '{"tags": "cat", "width": "wide"}', '{"tags": "dog"}'])
+    done, stats, _ = run(lines, variants=2, sampler="tgts")
+    assert [err is None for _, _, err in done] == [True, False, True] and stats.failed == 1
+
+    class Stop(StopRequested):
+        pass
+
+    steps = itertools.count(1)
+
+    def check():
+        if next(steps) > 3:
+            raise Stop
+
+    engine = FakeEngine()
+    with pytest.raises(Stop):  # passes through the record's error handling: the batch stops
+        run(["1girl", "cat"], variants=4, sampler="tgts", engine=engine, check=check)
+    assert engine.decoder.n_steps == 3 and engine.decoder.live_seqs == 0
+
+
+def test_variants_repeating_after_formatting_are_replaced_in_a_further_round(monkeypatch):
+    original = runner.run_expand
+
+    def collapsing(request, seed):  # jobs 0-2 format to the same line
+        result = yield from original(request, seed)
+        if seed in {derive_seed(7, i) for i in range(3)}:
+            result.formatted = "same"
+        return result
+
+    monkeypatch.setattr(runner, "run_expand", collapsing)
+    out = runner.expand_variants(FakeEngine(), build_request("1girl", **defaults()), 6, 7, sampler="tgts")
+    assert len(out.variants) == 6 and out.rounds == 2 and out.duplicates >= 2
+    assert len({v.formatted for v in out.variants}) == 6
+    assert {v.seed for v in out.variants} >= {derive_seed(7, i) for i in (6, 7)}  # round 2: jobs 6, 7
+
+    monkeypatch.setattr(runner, "run_expand", lambda request, seed: _constant(original(request, seed)))
+    out = runner.expand_variants(FakeEngine(), build_request("1girl", **defaults()), 4, 7, sampler="independent")
+    assert [v.formatted for v in out.variants] == ["same"] and out.rounds == 2  # round 2 added nothing: stop
+    assert out.to_dict()["totals"]["rounds"] == 2
+
+
+def _constant(job):
+    result = yield from job
+    result.formatted = "same"
+    return result
 
 
 def test_prompts_with_a_common_start_share_its_cells_and_give_the_same_results():

@@ -427,3 +427,10 @@ def test_invalid_gpu_layers_exit_2(value, tmp_path):
                               "--gpu-layers", value)  # fmt: skip
     assert (code, out) == (2, "")
     assert err.startswith("Error: --gpu-layers") and err.count("\n") == 1
+
+
+def test_a_file_that_names_no_family_is_prompted_as_tipo_with_a_note(model_path):
+    code, out, err = run_main("expand", PROMPT, "--model", str(model_path), "--show-prompt")
+    told = run_main("expand", PROMPT, "--model", str(model_path), "--family", "tipo", "--show-prompt")
+    assert code == 0 and (out, "") == told[1:]
+    assert err.count("\n") == 1 and model_path.name in err and "TIPO" in err and "--family dtg" in err

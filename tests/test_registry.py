@@ -13,6 +13,7 @@ from kgen_cli.errors import ModelNotFoundError, RegistryError, UsageError
 from kgen_cli.registry import (
     LOCAL_QUANT_TYPES,
     ModelSpec,
+    family_note,
     load_registry,
     packaged_registry,
     registry_spec_only,
@@ -358,13 +359,15 @@ def test_local_path_family_is_guessed_from_the_file_name(tmp_path, file_name, fa
     assert resolved.n_ctx is resolved.context_length is None
 
 
-def test_local_path_with_an_unknown_family_asks_for_family(tmp_path):
+def test_local_path_with_an_unknown_family_is_prompted_as_tipo_with_a_note(tmp_path):
     gguf = tmp_path / "smollm2.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(UsageError) as info:
-        resolve_model(str(gguf), None)
-    assert "--family" in info.value.hint
-    assert resolve_model(str(gguf), "dtg").family == "dtg"
+    assumed = resolve_model(str(gguf), None)
+    assert (assumed.family, assumed.family_assumed, assumed.quality_line) == ("tipo", True, False)
+    assert "smollm2.gguf" in family_note(assumed) and "--family dtg" in family_note(assumed)
+    told = resolve_model(str(gguf), "dtg")
+    assert (told.family, told.family_assumed, family_note(told)) == ("dtg", False, None)
+    assert family_note(resolve_model(str(gguf), "tipo")) is None
 
 
 def test_family_option_overrides_the_guess(tmp_path):

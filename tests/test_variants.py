@@ -76,7 +76,9 @@ def test_tgts_prints_n_distinct_lines_identically_twice(model_path):
     # a second run (the --json one) made the same variants, in the same order
     assert [v["formatted"] for v in doc["variants"]] == lines
     assert totals["requested"] == 16 and totals["variants"] == len(lines) and totals["stop_reason"] == "complete"
-    assert len(lines) >= 12 and totals["duplicates_removed"] >= 16 - len(lines)  # fewer: counted
+    # outputs that format alike are replaced by further rounds: 16 lines, the repeats counted
+    assert len(lines) == 16 and totals["rounds"] >= 1
+    assert totals["duplicates_removed"] >= 0 if totals["rounds"] == 1 else totals["duplicates_removed"] > 0
 
 
 @model

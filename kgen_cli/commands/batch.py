@@ -16,7 +16,7 @@ import typer
 
 from kgen_cli import options as o
 from kgen_cli.console import err_console, info, stderr_is_tty
-from kgen_cli.errors import KgenError, UsageError
+from kgen_cli.errors import KgenError, StopRequested, UsageError
 
 
 class InputFormat(str, Enum):
@@ -29,7 +29,7 @@ class OutputFormat(str, Enum):
     jsonl = "jsonl"
 
 
-class Interrupted(Exception):
+class Interrupted(StopRequested):
     """SIGINT/SIGTERM during a batch: stop, write what finished, exit 128 + signal."""
 
     def __init__(self, signum: int):
@@ -122,6 +122,9 @@ def batch(
     repeat_penalty: o.RepeatPenaltyOpt = None,
     max_tokens: o.MaxTokensOpt = None,
     variants: o.VariantsOpt = 1,
+    sampler: o.SamplerOpt = None,
+    group_size: o.GroupSizeOpt = 4,
+    exploration: o.ExplorationOpt = 1.0,
     gpu_layers: o.GpuLayersOpt = "auto",
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells shared by all sequences (default: parallel x (max tokens + 256), at least 4096).")] = None,
     threads: o.ThreadsOpt = None,
@@ -136,6 +139,10 @@ def batch(
     on CPU. --parallel 1 gives what `kgen expand --seed S+i` gives; with more parallel sequences
     the batched arithmetic differs slightly, so results can differ from a single expand.
 
+    -n N: by default each input's N variants come from one TGTS tree, as `kgen expand -n N`
+    makes them (inputs one after another, the tree's branches decoded together); with --sampler
+    independent the variants of several inputs decode together instead (continuous batching).
+
     Text output: one line per input (a multi-line --format is joined with spaces; a failed input
     leaves an empty line, its error on stderr); with -n N up to N lines per input, fewer when
     variants repeat. JSONL: one object per input (index, id or line number, input, seed, result,
@@ -147,7 +154,7 @@ def batch(
     from kgen_cli import batchjobs, runner
     from kgen_cli.batchio import OrderedWriter, PipeLines, count_prompts, read_records, scan_done
     from kgen_cli.commands.expand import build_request
-    from kgen_cli.registry import registry_spec_only, resolve_model
+    from kgen_cli.registry import family_note, registry_spec_only, resolve_model
     from kgen_cli.sampling import FAMILY_DEFAULTS
 
     if output is not None and str(output) == "-":
@@ -158,6 +165,8 @@ def batch(
         _check_output(output, input)
     fam = family.value if family else None
     spec = registry_spec_only(model, fam)
+    if (note := family_note(spec)) and not quiet:
+        info(note)
     defaults = dict(
         nl=nl, family=spec.family, quality_line=spec.quality_line, tag_length=tag_length, nl_length=nl_length,
         operation=operation, width=width, height=height, aspect_ratio=aspect_ratio, ban=ban, retries=retries,
@@ -191,7 +200,9 @@ def batch(
         with stop.installed(), _progress(quiet, total) as progress:
             state.progress = progress
             run = batchjobs.BatchRun(engine, defaults, base_seed, variants=variants, parallel=parallel,
-                                     on_done=state.record, check=stop.check)
+                                     on_done=state.record, check=stop.check,
+                                     sampler=sampler.value if sampler else "tgts", group_size=group_size,
+                                     exploration=exploration)
             if regular:
                 lines = stop.watch(stream)
             else:
@@ -249,7 +260,7 @@ def _open_input(path: str):
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
-class _FailFast(Exception):
+class _FailFast(StopRequested):
     pass
 
 

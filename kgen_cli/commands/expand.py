@@ -71,11 +71,13 @@ def expand(
     Prints one line (the formatted prompt) per variant on stdout.
     """
     from kgen_cli import pipeline, runner
-    from kgen_cli.registry import registry_spec_only, resolve_model
+    from kgen_cli.registry import family_note, registry_spec_only, resolve_model
 
     text = read_prompt(prompt)
     fam = family.value if family else None
     spec_model = registry_spec_only(model, fam)
+    if note := family_note(spec_model):
+        info(note)
     request = build_request(
         text, nl=nl, family=spec_model.family, quality_line=spec_model.quality_line, tag_length=tag_length,
         nl_length=nl_length, operation=operation, width=width, height=height, aspect_ratio=aspect_ratio,
