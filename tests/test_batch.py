@@ -164,19 +164,25 @@ def test_records_are_pulled_lazily():
     assert next(pulled) <= 10 + 4 + 1  # what finished, what is in flight, and nothing more
 
 
-def test_check_stops_the_batch_before_a_decode():
-    class Stop(Exception):
-        pass
+class Stop(StopRequested):
+    pass
 
+
+def stop_after(steps: int):
+    """A `check` that lets `steps` decodes through, then asks to stop."""
     calls = itertools.count(1)
 
     def check():
-        if next(calls) > 5:
+        if next(calls) > steps:
             raise Stop
 
+    return check
+
+
+def test_check_stops_the_batch_before_a_decode():
     engine = FakeEngine()
     with pytest.raises(Stop):
-        run([f"1girl, tag {i}" for i in range(8)], engine=engine, check=check)
+        run([f"1girl, tag {i}" for i in range(8)], engine=engine, check=stop_after(5))
     assert engine.decoder.n_steps == 5
 
 
@@ -210,19 +216,9 @@ def test_batch_tgts_bad_line_fails_alone_and_check_stops_it():
     lines = recs(['{"tags": "1girl"}', '{"tags": "cat", "width": "wide"}', '{"tags": "dog"}'])
     done, stats, _ = run(lines, variants=2, sampler="tgts")
     assert [err is None for _, _, err in done] == [True, False, True] and stats.failed == 1
-
-    class Stop(StopRequested):
-        pass
-
-    steps = itertools.count(1)
-
-    def check():
-        if next(steps) > 3:
-            raise Stop
-
     engine = FakeEngine()
     with pytest.raises(Stop):  # passes through the record's error handling: the batch stops
-        run(["1girl", "cat"], variants=4, sampler="tgts", engine=engine, check=check)
+        run(["1girl", "cat"], variants=4, sampler="tgts", engine=engine, check=stop_after(3))
     assert engine.decoder.n_steps == 3 and engine.decoder.live_seqs == 0
 
 
