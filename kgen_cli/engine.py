@@ -939,6 +939,19 @@ class BranchDecoder:
         self._logits_at.pop(seq, None)
         self._free_ids.add(seq)
 
+    def truncate(self, seq: int, keep: int) -> None:
+        """Keep the sequence's first `keep` positions and drop the rest (its logits with them), so
+        a later call whose prompt starts the same way decodes only what differs."""
+        self._check(seq)
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= self._len[seq]:
+            raise EngineError(f"truncate keep={keep!r} is outside 0..{self._len[seq]} (length of seq {seq})")
+        if keep == self._len[seq]:
+            return
+        # A position range is legal with the unified KV cache (the Engine always uses it).
+        self._ll.llama_memory_seq_rm(self._engine._mem, seq, keep, -1)
+        self._len[seq] = keep
+        self._logits_at.pop(seq, None)
+
     def length(self, seq: int) -> int:
         """Positions held by the sequence, as llama.cpp reports them (pos_max + 1)."""
         self._check(seq)

@@ -9,6 +9,10 @@ so a long generation never holds the others back.
 
 Requests whose prompts are token-identical share the prompt's KV cells: the newcomer forks a
 live sequence that holds the prompt (`fork(keep=len-1)`) and replays only the last prompt token.
+A job's next request inherits its finished one's sequence: retries and later operations repeat
+most of the previous prompt (meta lines, the tags so far), so the sequence is cut back to the
+common start (`truncate`) and only the rest is decoded, as llama-cpp-python's single-sequence
+prompt cache does for the peers.
 
 Pure Python over the `tree.BranchDecoder` protocol, so it is tested with a fake decoder.
 """
@@ -16,6 +20,7 @@ Pure Python over the `tree.BranchDecoder` protocol, so it is tested with a fake 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,6 +43,8 @@ class _Call:
     prompt: list[int]
     seq: int = -1
     sampler: Any = None
+    fed: list[int] = field(default_factory=list)  # generated tokens decoded into the sequence
+    inherited: tuple[int, list[int]] | None = None  # (seq, its tokens) left by the job's previous call
     pieces: list[bytes] = field(default_factory=list)
     started: float = 0.0
     first_token_at: float = 0.0
@@ -86,6 +93,7 @@ class Scheduler:
         self.tokenize = tokenize
         self.n_ctx = n_ctx
         self.parallel = min(parallel, decoder.max_branches)
+        self._can_truncate = callable(getattr(decoder, "truncate", None))
         self.on_piece = on_piece
         self.stats = SchedulerStats()
         self._waiting: deque[_Call] = deque()
@@ -107,8 +115,29 @@ class Scheduler:
         """
         self._jobs: Iterator[tuple[Hashable, Job]] = iter(jobs)
         self._exhausted = False
-        while not (self._exhausted and not self._live and not self._waiting):
-            self._step(on_result)
+        try:
+            while not (self._exhausted and not self._live and not self._waiting):
+                self._step(on_result)
+        except BaseException:
+            self._release_all()
+            raise
+
+    def _release_all(self) -> None:
+        """After an error or a stop request: every sequence and sampler back, best effort (the
+        decoder may be what failed), so the engine can serve further runs."""
+        release = getattr(self.decoder, "release_sampler", None)
+        for call in list(self._live.values()) + list(self._waiting):
+            seqs = [call.seq] if call.seq >= 0 and self._live.get(call.seq) is call else []
+            seqs += [call.inherited[0]] if call.inherited is not None else []
+            for seq in seqs:
+                with contextlib.suppress(Exception):
+                    self.decoder.free(seq)
+            if call.sampler is not None:
+                with contextlib.suppress(Exception):
+                    release(call.sampler) if release else call.sampler.free()
+            call.inherited, call.sampler = None, None
+        self._live.clear()
+        self._waiting.clear()
 
     def _pull_jobs(self, on_result) -> None:
         """Start new jobs while there is room: each contributes its first request."""
@@ -130,28 +159,46 @@ class Scheduler:
 
     # -- job plumbing -------------------------------------------------------------------------
 
-    def _advance(self, key, job, on_result, *, start=False, completion=None) -> None:
-        """Get the job's next request (queue it) or its final result (report it)."""
+    def _advance(self, key, job, on_result, *, start=False, completion=None, inherited=None) -> None:
+        """Queue the job's next request, or report its final result. `inherited`: the sequence
+        of the job's call that just finished, and the tokens it holds; the next request goes
+        first in the queue to reuse it (this step's admission takes it or frees it)."""
+        call = None
+        try:
+            call = self._next_call(key, job, on_result, start, completion)
+        finally:
+            if call is None and inherited is not None:
+                self.decoder.free(inherited[0])
+        if call is None:
+            return
+        if inherited is None:
+            self._waiting.append(call)
+        else:
+            call.inherited = inherited
+            self._waiting.appendleft(call)
+
+    def _next_call(self, key, job, on_result, start: bool, completion) -> _Call | None:
+        """The job's next request as a call; None when the job ended (result or error reported)."""
         try:
             request = next(job) if start else job.send(completion)
         except StopIteration as stop:
             on_result(key, stop.value, None)
-            return
+            return None
         except KgenError as exc:
             on_result(key, None, exc)
-            return
+            return None
         try:
             prompt = self.tokenize(request.prompt)
         except KgenError as exc:
             job.close()
             on_result(key, None, exc)
-            return
+            return None
         if len(prompt) + 1 > self.n_ctx:
             job.close()
             on_result(key, None, EngineError(
                 f"prompt is {len(prompt)} tokens, longer than the context ({self.n_ctx}); raise --n-ctx"))
-            return
-        self._waiting.append(_Call(key=key, job=job, request=request, prompt=prompt))
+            return None
+        return _Call(key=key, job=job, request=request, prompt=prompt)
 
     def _cells_in_use(self) -> int:
         return sum(len(c.prompt) + c.request.params.max_tokens for c in self._live.values())
@@ -164,6 +211,16 @@ class Scheduler:
         feeds only its last token again; with `share_prefix`, a prompt that starts like a live one
         forks it at the common prefix and feeds the rest (one that starts like a prompt decoded in
         this very step waits for the next step, to fork it then)."""
+        try:
+            self._admit_waiting(feeds)
+        finally:
+            # An inherited sequence is never held across a decode outside the cell budget.
+            for call in self._waiting:
+                if call.inherited is not None:
+                    self.decoder.free(call.inherited[0])
+                    call.inherited = None
+
+    def _admit_waiting(self, feeds: dict[int, list[int]]) -> None:
         prefilling: list[list[int]] = []
         admitted: set[int] = set()  # sequences whose prompt cells are only decoded by this step
         while self._waiting and len(self._live) < self.parallel:
@@ -171,6 +228,18 @@ class Scheduler:
             budget = len(call.prompt) + call.request.params.max_tokens
             if self._live and self._cells_in_use() + budget > self.n_ctx:
                 return  # wait for cells; a lone request always runs (its max_tokens is clipped)
+            if call.inherited is not None:
+                seq, held = call.inherited
+                call.inherited = None
+                keep = _common_prefix(call.prompt, held)
+                if keep:
+                    self._waiting.popleft()
+                    self.decoder.truncate(seq, keep)
+                    self._start(call, seq, call.prompt[keep:], feeds, admitted)
+                    self.stats.prompt_tokens_shared += keep
+                    prefilling.append(call.prompt)
+                    continue
+                self.decoder.free(seq)
             if call.prompt in prefilling:
                 return  # its twin is being prefilled in this step: fork from it next step
             twin = self._live_with_prompt(call.prompt)
@@ -179,25 +248,28 @@ class Scheduler:
                     _common_prefix(call.prompt, p) >= self.share_prefix for p in prefilling):
                 return  # it starts like a prompt decoded in this step: fork from that one next step
             self._waiting.popleft()
-            call.started = time.perf_counter()
-            call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
             if twin is not None:
-                call.seq = self.decoder.fork(twin.seq, len(call.prompt) - 1)
-                feeds[call.seq] = [call.prompt[-1]]
-                self.stats.prompt_tokens_shared += len(call.prompt) - 1
+                keep = len(call.prompt) - 1
+                seq = self.decoder.fork(twin.seq, keep)
             elif prefix is not None:
                 parent, keep = prefix
-                call.seq = self.decoder.fork(parent.seq, keep)
-                feeds[call.seq] = list(call.prompt[keep:])
-                self.stats.prompt_tokens_shared += keep
+                seq = self.decoder.fork(parent.seq, keep)
                 prefilling.append(call.prompt)
             else:
-                call.seq = self.decoder.open()
-                feeds[call.seq] = list(call.prompt)
+                keep, seq = 0, self.decoder.open()
                 prefilling.append(call.prompt)
-            self._live[call.seq] = call
-            admitted.add(call.seq)
-            self.stats.prompt_tokens += len(call.prompt)
+            self._start(call, seq, call.prompt[keep:], feeds, admitted)
+            self.stats.prompt_tokens_shared += keep
+
+    def _start(self, call: _Call, seq: int, feed: list[int], feeds: dict[int, list[int]], admitted: set[int]) -> None:
+        """The call goes live on `seq`, which holds its prompt but for `feed` (decoded this step)."""
+        call.started = time.perf_counter()
+        call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
+        call.seq = seq
+        feeds[seq] = list(feed)
+        self._live[seq] = call
+        admitted.add(seq)
+        self.stats.prompt_tokens += len(call.prompt)
 
     def _longest_prefix(self, prompt: list[int], admitted: set[int]) -> tuple[_Call, int] | None:
         """The live request whose (decoded) prompt shares the longest start with `prompt`, if that
@@ -242,6 +314,7 @@ class Scheduler:
                 self._finish(call, on_result)
                 continue
             feeds[seq] = [sampled.token]
+            call.fed.append(sampled.token)
         self._pull_jobs(on_result)
         self._admit(feeds)
         if feeds:
@@ -260,7 +333,11 @@ class Scheduler:
     def _finish(self, call: _Call, on_result) -> None:
         now = time.perf_counter()
         del self._live[call.seq]
-        self.decoder.free(call.seq)
+        inherited = None
+        if self._can_truncate:
+            inherited = (call.seq, call.prompt + call.fed)  # the job's next call may reuse it
+        else:
+            self.decoder.free(call.seq)
         release = getattr(self.decoder, "release_sampler", None)
         release(call.sampler) if release else call.sampler.free()
         first = call.first_token_at or now
@@ -275,4 +352,4 @@ class Scheduler:
         if self.on_piece is not None:
             self._decoders.pop(call.key, None)
             self.on_piece(call.key, "\n")
-        self._advance(call.key, call.job, on_result, completion=completion)
+        self._advance(call.key, call.job, on_result, completion=completion, inherited=inherited)

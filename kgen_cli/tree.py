@@ -121,6 +121,11 @@ class BranchDecoder(Protocol):
 
     def free(self, seq: int) -> None: ...
 
+    def truncate(self, seq: int, keep: int) -> None:
+        """Keep the seq's first `keep` positions (drops its pending logits). The scheduler uses
+        it when present, to reuse a finished call's sequence for the job's next prompt."""
+        ...
+
     def length(self, seq: int) -> int: ...
 
     def step(self, feeds: dict[int, list[int]]) -> None:

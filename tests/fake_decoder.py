@@ -156,7 +156,7 @@ class FakeDecoder:
         self._cache: dict[tuple[int, int, int], list[float]] = {}
         self.live_samplers: set[FakeSampler] = set()
         self.n_steps = self.tokens_fed = self.start_calls = self.prompt_tokens = 0
-        self.forks = self.frees = self.peak_live = self.peak_cells = 0
+        self.forks = self.frees = self.truncations = self.peak_live = self.peak_cells = 0
         self.batch_sizes: list[int] = []
         self.allocations: list[int] = []
 
@@ -199,6 +199,19 @@ class FakeDecoder:
         self._pending.discard(seq)
         heapq.heappush(self._free_ids, seq)
         self.frees += 1
+
+    def truncate(self, seq: int, keep: int) -> None:
+        s = self._live(seq)
+        assert 0 <= keep <= len(s.tokens), f"truncate keep={keep} outside seq {seq} (length {len(s.tokens)})"
+        if keep == len(s.tokens):
+            return
+        for c in s.cells[keep:]:
+            self._cell_refs[c] -= 1
+            if not self._cell_refs[c]:
+                del self._cell_refs[c]
+        self._seqs[seq] = _Seq(s.tokens[:keep], s.cells[:keep], s.states[:keep])
+        self._pending.discard(seq)
+        self.truncations += 1
 
     def length(self, seq: int) -> int:
         return len(self._live(seq).tokens)

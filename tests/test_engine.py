@@ -397,6 +397,28 @@ def test_branch_start_fork_and_logits(engine):
 
 
 @pytest.mark.model
+def test_branch_truncate_keeps_a_prefix_for_the_next_prompt(engine):
+    import numpy as np
+
+    tokens = engine.tokenize(PROMPT)
+    with engine.branches() as bd:
+        ref = bd.start(tokens)
+        row = bd.logits(ref).copy()
+        seq = bd.start(tokens + tokens[1:4])  # a longer prompt, cut back to the shared part
+        bd.truncate(seq, len(tokens) - 1)
+        assert bd.length(seq) == len(tokens) - 1 and not bd.has_logits(seq)
+        bd.step({seq: tokens[-1:]})
+        np.testing.assert_allclose(bd.logits(seq), row, rtol=1e-3, atol=1e-3)  # as if decoded afresh
+        bd.truncate(seq, bd.length(seq))  # keep everything: a no-op that keeps the logits
+        assert bd.has_logits(seq)
+        for bad in (-1, len(tokens) + 1, True, 1.5):
+            with pytest.raises(EngineError, match="truncate keep"):  # never llama.cpp's abort
+                bd.truncate(seq, bad)
+        with pytest.raises(EngineError):
+            bd.truncate(99, 0)
+
+
+@pytest.mark.model
 def test_branch_sample_reports_raw_probability(engine):
     import numpy as np
 

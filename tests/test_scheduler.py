@@ -95,3 +95,66 @@ def test_max_tokens_caps_each_call():
     log: list = []
     run(FakeDecoder(), [(0, job(["cap me"], 1, log))])
     assert all(n <= PARAMS.max_tokens for _, _, n in log)
+
+
+class NoTruncate:
+    """The fake decoder without `truncate`: every call decodes its whole prompt."""
+
+    def __init__(self, decoder: FakeDecoder):
+        self._decoder = decoder
+
+    def __getattr__(self, name):
+        if name == "truncate":
+            raise AttributeError(name)
+        return getattr(self._decoder, name)
+
+
+def retrying_job(k: int, log: list):
+    """Like a TIPO operation's retries: each call's prompt is the previous one plus its output."""
+    prompt = f"aspect_ratio: 1.0\ntag: subject {k}, "
+    texts = []
+    for attempt in range(4):
+        completion = yield CompletionRequest(prompt, k * 10 + attempt, PARAMS)
+        log.append(completion.n_prompt_tokens)
+        texts.append(completion.text)
+        prompt += completion.text.replace("\n", " ") + ", more, "
+    return texts
+
+
+def test_a_jobs_next_call_reuses_its_previous_sequence_and_decodes_only_what_differs():
+    jobs = lambda: [(k, retrying_job(k, [])) for k in range(6)]  # noqa: E731
+    plain, plain_sched = run(NoTruncate(FakeDecoder(max_branches=4)), jobs(), parallel=3)
+    decoder = FakeDecoder(max_branches=4)
+    reused, sched = run(decoder, jobs(), parallel=3)
+    assert reused == plain and all(e is None for _, e in reused.values())  # the same texts
+    assert decoder.truncations >= 6 * 3 - 2  # (nearly) every retry kept the previous prompt's cells
+    assert sched.stats.prompt_tokens_shared > sched.stats.prompt_tokens / 2
+    assert sched.stats.tokens_decoded == plain_sched.stats.tokens_decoded - sched.stats.prompt_tokens_shared
+    assert decoder.live_seqs == 0 and decoder.live_cells == 0 and not decoder.live_samplers
+
+
+def test_an_inherited_sequence_is_freed_when_the_job_ends_or_must_wait():
+    # n_ctx so small that a retry often has to wait for cells: its sequence is not kept meanwhile
+    decoder = FakeDecoder(max_branches=8)
+    results, sched = run(decoder, [(k, retrying_job(k, [])) for k in range(8)], parallel=8, n_ctx=800)
+    assert all(e is None for _, e in results.values())
+    assert 0 < decoder.truncations < 8 * 3  # some retries reused their sequence, some had to wait
+    assert decoder.live_seqs == 0 and decoder.live_cells == 0 and decoder.peak_cells <= 800
+
+
+def test_an_error_mid_run_releases_every_sequence_and_sampler():
+    class Boom(Exception):
+        pass
+
+    decoder = FakeDecoder(max_branches=8)
+    sched = Scheduler(decoder, tokenize, n_ctx=4096, parallel=4)
+    seen = []
+
+    def on_result(key, value, error):
+        seen.append(key)
+        if len(seen) == 2:
+            raise Boom
+
+    with pytest.raises(Boom):
+        sched.run([(k, retrying_job(k, [])) for k in range(6)], on_result)
+    assert decoder.live_seqs == 0 and decoder.live_cells == 0 and not decoder.live_samplers
