@@ -166,7 +166,8 @@ def expand_variants(
     operations) are batched by the continuous-batching scheduler. Variants whose formatted
     output repeats an earlier one are removed, and the missing ones are drawn in a further round
     (jobs n, n+1, ...: new seeds; twice as many as missing, plus 2, the first distinct ones
-    kept), up to `MAX_ROUNDS` rounds while each adds a variant.
+    kept; independent samples even after a TGTS round), up to `MAX_ROUNDS` rounds while each
+    adds a variant.
     When the tree stops short (a model that keeps repeating itself, or the token budget), no
     further round runs: fewer variants come back, and `stop_reason` says why. `check()` runs
     before every decode step and may raise to stop (kgen batch's signals).
@@ -180,7 +181,10 @@ def expand_variants(
     while len(variants) < n and rounds < MAX_ROUNDS:
         # A further round draws more than it misses: the likeliest outputs come back first.
         want = n if not rounds else min(n, 2 * (n - len(variants)) + 2)
-        done = _variants_round(engine, request, range(next_job, next_job + want), seed, sampler, group_size,
+        # A top-up round is a few variants: independent samples decode them in one pass, where a
+        # new tree would first have to grow (its steps come one segment deep at a time).
+        kind = sampler if not rounds or sampler != "tgts" else "independent"
+        done = _variants_round(engine, request, range(next_job, next_job + want), seed, kind, group_size,
                                exploration, parallel or max(1, min(n, engine.n_seq_max)), check)
         next_job, rounds = next_job + want, rounds + 1
         tokens += done.tokens
