@@ -4,7 +4,8 @@ Each record becomes one expand job (`pipeline.run_expand`), or N with `-n N`; th
 continuous-batching `Scheduler` over the engine's `BranchDecoder`: up to `parallel` model calls
 decode together, one `llama_decode` per token step, and a finished call's slot goes to the next
 waiting request at once. Records are pulled from their (lazy) iterator only when there is room,
-so the input is streamed.
+so the input is streamed. With `-n N` and the TGTS sampler a record's N variants come from one
+token-group tree instead (`runner.expand_variants`), records one after another.
 
 Pure Python above the decoder protocol: tested with the fake decoder as well as the real engine.
 """
@@ -196,6 +197,9 @@ class BatchRun:
     step and may raise to stop the batch. `records` may yield None while `busy()` ("no input
     ready yet"): the requests in flight go on decoding.
 
+    `sampler="tgts"` with variants > 1: each record's variants come from one TGTS tree
+    (`runner.expand_variants`), records one at a time; `group_size` and `exploration` tune it.
+
     `result` is {"variants": [ExpandResult, ...] (duplicates removed), "n", "duplicates", "seed",
     "tokens", "timings"}.
     """
@@ -249,7 +253,6 @@ class BatchRun:
                 continue  # no input ready: nothing is decoding meanwhile, so the reader may block
             stats.records += 1
             started = time.perf_counter()
-            seed = None
             try:
                 request, seed = line_request(rec, self.defaults, self.base_seed)
                 out = _guarded_call(lambda: expand_variants(
