@@ -183,8 +183,8 @@ def expand_variants(
         want = n if not rounds else min(n, 2 * (n - len(variants)) + 2)
         # A top-up round is a few variants: independent samples decode them in one pass, where a
         # new tree would first have to grow (its steps come one segment deep at a time).
-        kind = sampler if not rounds or sampler != "tgts" else "independent"
-        done = _variants_round(engine, request, range(next_job, next_job + want), seed, kind, group_size,
+        done = _variants_round(engine, request, range(next_job, next_job + want), seed,
+                               "independent" if rounds else sampler, group_size,
                                exploration, parallel or max(1, min(n, engine.n_seq_max)), check)
         next_job, rounds = next_job + want, rounds + 1
         tokens += done.tokens
