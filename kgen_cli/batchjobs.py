@@ -76,6 +76,8 @@ class _Instrumented:
         self._stats = stats
         self._check = check
         self._live: set[int] = set()
+        if not callable(getattr(decoder, "truncate", None)):
+            self.truncate = None  # the scheduler then frees finished sequences instead
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._decoder, name)
@@ -95,6 +97,11 @@ class _Instrumented:
         seq = self._decoder.fork(parent, keep)
         self._admitted(seq)
         return seq
+
+    def truncate(self, seq: int, keep: int) -> None:
+        # A job's next call taking over its finished call's sequence: a model call admitted too.
+        self._decoder.truncate(seq, keep)
+        self._admitted(seq)
 
     def free(self, seq: int) -> None:
         self._decoder.free(seq)

@@ -596,3 +596,13 @@ def test_usage_errors_exit_2_before_loading_a_model(capsys, tmp_path, monkeypatc
     code, out, err = run_main(capsys, "batch", *args, "--model", "/nonexistent.gguf", "--family", "tipo")
     assert code == 2 and out == ""
     assert message in " ".join(err.split()) and err.count("\n") == 1
+
+
+def test_stats_count_every_model_call_including_those_reusing_a_sequence():
+    engine = FakeEngine()
+    done: list = []
+    stats = batchjobs.run_batch(engine, recs(["1girl, solo", "cat"]), defaults(retries=3), 100, parallel=4,
+                                on_done=lambda rec, res, err: done.append((rec, res, err)))
+    calls = sum(len(v.calls) for _, res, _ in done for v in res["variants"])
+    assert calls > 2 and stats.model_calls == calls  # retries took over their previous call's sequence
+    assert engine.decoder.truncations > 0 and engine.decoder.live_seqs == 0
