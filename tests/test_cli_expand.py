@@ -12,7 +12,6 @@ The tests that need no model (--help, --show-prompt) run everywhere.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import pty
@@ -21,12 +20,11 @@ import select
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from kgen_cli.cli import main
+from kgen_main import run_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "1girl, (red hair:1.2), BREAK, dragon horns, <lora:x:0.5>"
@@ -41,18 +39,6 @@ model = pytest.mark.model
 # ---------------------------------------------------------------------------------------------
 # Running kgen: in-process (the console script's main(), with its error funnel) or a subprocess
 # ---------------------------------------------------------------------------------------------
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """main() with stdout/stderr captured: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,26 +14,14 @@ import os
 import struct
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from kgen_cli.cli import main
+from kgen_main import run_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 model = pytest.mark.model
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(result: tuple[int, str, str], code: int, *fragments: str) -> str:

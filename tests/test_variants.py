@@ -10,17 +10,15 @@ run is short (--max-tokens <= 32, --retries 0, --threads 1: one thread is robust
 from __future__ import annotations
 
 import functools
-import io
 import json
 import resource
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from kgen_cli.cli import main
+from kgen_main import run_main
 from kgen_cli.pipeline import drive, run_expand
 from kgen_cli.sampling import Completion, derive_seed
 
@@ -28,17 +26,6 @@ PROMPT = "1girl, dragon horns"
 FAST = ("--threads", "1", "--retries", "0")
 
 model = pytest.mark.model
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @functools.lru_cache(maxsize=None)
