@@ -13,6 +13,7 @@ Pure Python above the decoder protocol: tested with the fake decoder as well as 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -121,29 +122,24 @@ def _failing(error: BaseException):
     yield  # pragma: no cover - makes this a generator
 
 
-def _guarded(job):
-    """A job whose unexpected exceptions (a bug met on one odd model output) fail its record only."""
+@contextmanager
+def _record_errors():
+    """Unexpected exceptions inside (a bug met on one odd model output) become a KgenError that
+    fails the record only; a stop request (StopRequested) still stops the batch."""
     try:
-        return (yield from job)
-    except KgenError:
-        raise
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        raise KgenError(f"internal error: {type(exc).__name__}: {exc}") from exc
-
-
-def _guarded_call(fn: Callable[[], Any]) -> Any:
-    """`fn()`, its unexpected exceptions (a bug met on one odd model output) turned into a
-    KgenError that fails its record only, as `_guarded` does for jobs."""
-    try:
-        return fn()
+        yield
     except (KgenError, StopRequested):
         raise
     except Exception as exc:
         if debug_enabled():
             raise
         raise KgenError(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+
+def _guarded(job):
+    """A job whose unexpected exceptions fail its record only."""
+    with _record_errors():
+        return (yield from job)
 
 
 def _timings(results, started: float) -> dict:
@@ -262,8 +258,9 @@ class BatchRun:
             started = time.perf_counter()
             try:
                 request, seed = line_request(rec, self.defaults, self.base_seed)
-                out = _guarded_call(lambda: expand_variants(
-                    self.engine, request, self.variants, seed, sampler="tgts", check=before_step, **self.tree_options))
+                with _record_errors():
+                    out = expand_variants(self.engine, request, self.variants, seed, sampler="tgts",
+                                          check=before_step, **self.tree_options)
             except KgenError as exc:
                 stats.failed += 1
                 self.on_done(rec, None, exc)
