@@ -77,6 +77,9 @@ def tipo_prompts(inputs: list[str], family: str, max_tokens: int) -> list[str]:
     return [first_prompt(build_request(text, **opts)) for text in inputs]
 
 
+PEER_CONTEXT_LENGTH = 1024  # kgen_cli.runner.DEFAULT_CONTEXT_LENGTH
+
+
 def peer_full_plan(llm, job) -> dict:
     """The peers' whole expand per prompt (KGen's plan and retry loop), every model call through
     create_completion one after another; llama-cpp-python reuses the cached prompt prefix."""
@@ -92,8 +95,14 @@ def peer_full_plan(llm, job) -> dict:
             req = next(expand)
             while True:
                 p = req.params
+                # kgen's context rule, as its runner applies it to a local file: one call spans at
+                # most 1024 tokens (KGen's n_ctx), and a retry without room is not made.
+                room = PEER_CONTEXT_LENGTH - len(llm.tokenize(req.prompt.encode(), add_bos=True, special=True))
+                if req.may_skip and room < req.room_needed():
+                    req = expand.send(Completion.no_room(PEER_CONTEXT_LENGTH - room))
+                    continue
                 out = llm.create_completion(
-                    req.prompt, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                    req.prompt, max_tokens=min(p.max_tokens, room), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                     min_p=p.min_p, repeat_penalty=p.repeat_penalty, seed=req.seed,
                 )  # fmt: skip
                 usage, choice = out["usage"], out["choices"][0]

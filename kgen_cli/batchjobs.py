@@ -221,7 +221,7 @@ class BatchRun:
         self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
         self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
                                    n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max),
-                                   share_prefix=SHARE_PREFIX)
+                                   share_prefix=SHARE_PREFIX, window=engine.window)
 
     def busy(self) -> bool:
         """Whether model calls are decoding or waiting for a slot."""

@@ -645,6 +645,9 @@ class Engine:
             self._ctx = ctx
             self._mem = ll.llama_get_memory(ctx)
             self.n_ctx: int = ll.llama_n_ctx(ctx)
+            # The most positions one model call spans (prompt + new tokens). The context holds
+            # many sequences; kgen's runner narrows this to the model's trained context.
+            self.window: int = self.n_ctx
             self.n_batch: int = ll.llama_n_batch(ctx)
             self.n_seq_max: int = ll.llama_n_seq_max(ctx)
             self.n_threads = threads

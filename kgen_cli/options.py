@@ -47,7 +47,11 @@ GpuLayersOpt = Annotated[
 ]
 NCtxOpt = Annotated[
     Optional[int],
-    typer.Option("--n-ctx", min=64, rich_help_panel=ENGINE, help="Context size in tokens. [default: the model's, at most 4096]"),
+    typer.Option("--n-ctx", min=64, rich_help_panel=ENGINE, help="KV cells shared by all sequences. [default: 4096, more for -n]"),
+]
+ContextLengthOpt = Annotated[
+    Optional[int],
+    typer.Option("--context-length", min=16, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. [default: the registry's context_length, 1024 for a local file]"),
 ]
 ThreadsOpt = Annotated[
     Optional[int],

@@ -28,6 +28,12 @@ earlier one of the operation stop it. DTG: `retries` (default 20) is a budget us
 changed output; an output with the same new-tag set as the previous one costs nothing, and 15 of
 those in a row stop the loop. `retries=0` makes one call per operation.
 
+Context. Every call after the first is `may_skip`: a retry prompt carries the outputs so far,
+and once it would leave too little room in the model's context (the runner's window, 1024 tokens
+for the registry models, as the peers load them), the call is not made. The operation then
+keeps its last result, like a retry loop that ran out; a later operation is still tried (its
+prompt may be shorter). `ExpandResult.skipped_calls` lists what was not made.
+
 Between TIPO operations (§4.3) the next one starts from the previous result's tags and NL; meta
 lines always come from the user's input, but tags a model put in other categories (a character,
 a quality tag) are carried to the final result.
@@ -135,6 +141,7 @@ class ExpandResult:
     calls: list[CallRecord] = field(default_factory=list)
     family: str = "tipo"
     operations: list[dict] = field(default_factory=list)  # the plan that ran (TIPO)
+    skipped_calls: list[dict] = field(default_factory=list)  # calls whose prompt left no room
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -146,6 +153,7 @@ class ExpandResult:
             "family": self.family,
             "operations": self.operations,
             "calls": [call.to_dict() for call in self.calls],
+            "skipped_calls": self.skipped_calls,
         }
 
 
@@ -238,6 +246,7 @@ class _Context:
     nl_spans: list[tuple[str, float, str]]  # the NL's weighted spans
     rng: random.Random
     calls: list[CallRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
 
 
 def _categorize(request: ExpandRequest, tags) -> dict[str, list[str]]:
@@ -260,14 +269,19 @@ def run_expand(request: ExpandRequest, seed: int) -> Job:
         new_tags = _added_tags(ctx.user_map, tag_map)
     return ExpandResult(
         formatted=_render(ctx, tag_map), tag_map=tag_map, new_tags=new_tags, seed=seed,
-        calls=ctx.calls, family=request.family, operations=operations,
+        calls=ctx.calls, family=request.family, operations=operations, skipped_calls=ctx.skipped,
     )
 
 
 def _call(ctx: _Context, prompt: str, seed: int, operation: str, level: str, expand: bool | None,
-          attempt: int) -> Generator[CompletionRequest, Completion, str]:
-    """One model call, recorded; returns the text to parse (prompt + completion)."""
-    completion = yield CompletionRequest(prompt=prompt, seed=seed, params=ctx.request.params)
+          attempt: int) -> Generator[CompletionRequest, Completion, str | None]:
+    """One model call, recorded; returns the text to parse (prompt + completion), or None when
+    the call was not made (every call but the job's first may be skipped: no room left)."""
+    completion = yield CompletionRequest(prompt=prompt, seed=seed, params=ctx.request.params,
+                                         may_skip=bool(ctx.calls))
+    if completion.finish_reason == "no_room":
+        ctx.skipped.append({"operation": operation, "attempt": attempt, "n_prompt_tokens": completion.n_prompt_tokens})
+        return None
     ctx.calls.append(CallRecord(
         operation=operation, level=level, expand=expand, attempt=attempt, seed=seed, prompt=prompt,
         completion=completion.text, n_prompt_tokens=completion.n_prompt_tokens, n_tokens=completion.n_tokens,
@@ -285,7 +299,10 @@ def _run_tipo(ctx: _Context):
     nl = ctx.nl
     result = None
     for index, op in enumerate(ops):
-        result = yield from _run_operation(ctx, op, index, state, nl)
+        done = yield from _run_operation(ctx, op, index, state, nl)
+        if done is None:
+            continue  # its first call had no room: the state stays as it was
+        result = done
         state = {category: result[category] for category in FIELDS}
         # §4.3: renaming `generated` to `extended` before picking leaves this same choice.
         nl = result["generated"] or result["extended"] or nl
@@ -304,10 +321,13 @@ def _run_operation(ctx: _Context, op: tipo.Operation, index: int, state: dict, n
     op_seed = derive_seed(ctx.seed, OPERATION_SEED_STRIDE * index)
     seen: set[str] = set()
     same = 0
+    result = None
     for attempt in range(request.effective_retries + 1):
         prompt = tipo.build_prompt(ctx.user_map, state["special"] + state["general"], nl, op,
                                    aspect_ratio=request.aspect_ratio)
         output = yield from _call(ctx, prompt, derive_seed(op_seed, attempt), op.name, op.level, op.expand, attempt)
+        if output is None:
+            break  # no room for this attempt: the last result stands (None: the operation never ran)
         parsed = tipo.parse_output(output, extra_quality=request.extra_quality, extra_special=request.extra_special)
         result = tipo.post_process(
             parsed, op, before=state, nl=nl, user_nl=user_nl, tag_level=request.tag_length,
@@ -335,6 +355,8 @@ def _run_dtg(ctx: _Context):
     new: list[str] = []
     while budget >= 0 and same < MAX_SAME_OUTPUT["dtg"]:
         output = yield from _call(ctx, prompt, derive_seed(ctx.seed, attempt), "dtg", level, None, attempt)
+        if output is None:
+            break  # the retry prompt has no room left: the last new tags stand
         attempt += 1
         new = dtg.new_tags(output, ctx.user_map, bans=request.bans)
         if set(new) == previous:

@@ -28,7 +28,7 @@ from kgen_cli.paths import kgen_home
 
 FAMILIES = ("tipo", "dtg")
 REGISTRY_FILE = "models.yaml"
-# kgen's default n_ctx is min(context_length, N_CTX_CAP).
+# One model call's context (prompt + new tokens) is min(context_length, N_CTX_CAP) by default.
 N_CTX_CAP = 2048
 # Quantisation types kgen can make locally from an F16 (or BF16/F32) GGUF: engine.QUANT_TYPES less
 # the float types (kept here so that parsing NAME@QTYPE does not import the engine). The smaller
@@ -66,7 +66,7 @@ class ModelSpec:
 
     @property
     def n_ctx(self) -> int:
-        """kgen's default context size for this model."""
+        """One model call's context (prompt + new tokens) by default."""
         return min(self.context_length, N_CTX_CAP)
 
     @property
@@ -114,7 +114,7 @@ class ResolvedModel:
 
     @property
     def n_ctx(self) -> int | None:
-        """kgen's default context size for a registry model: min(context_length, 2048)."""
+        """One model call's default context for a registry model: min(context_length, 2048)."""
         return self.spec.n_ctx if self.spec is not None else None
 
 

@@ -18,6 +18,10 @@ from kgen_cli.sampling import Completion, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler
 
 DEFAULT_N_CTX = 4096
+# One model call's context (prompt + new tokens) for a file the registry does not describe: the
+# peers load every TIPO and DTG GGUF with n_ctx=1024, and a GGUF's own n_ctx_train may be the
+# base architecture's, not the length the model was trained on.
+DEFAULT_CONTEXT_LENGTH = 1024
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
@@ -48,7 +52,7 @@ class EngineConfig:
     threads: int | None = None
     verbose: bool = False
     n_seq_max: int = 1
-    context_length: int | None = None  # the model's trained context, from the registry
+    context_length: int | None = None  # one call's context: --context-length, else the registry's
     max_tokens: int | None = None  # per model call, when known: sizes the default context
 
 
@@ -75,6 +79,8 @@ def open_engine(config: EngineConfig):
     elif layers == "all":
         layers = 10_000
     n_ctx = config.n_ctx or default_n_ctx(config.n_seq_max, config.max_tokens)
+    if config.context_length is not None and config.context_length < 1:
+        raise UsageError("--context-length must be at least 1")
     started = time.perf_counter()
     eng = engine_mod.Engine(
         config.model_path,
@@ -84,6 +90,8 @@ def open_engine(config: EngineConfig):
         n_seq_max=max(1, min(config.n_seq_max, MAX_SEQUENCES)),
         verbose=config.verbose,
     )
+    window = config.context_length or min(DEFAULT_CONTEXT_LENGTH, eng.model_info["n_ctx_train"] or DEFAULT_CONTEXT_LENGTH)
+    eng.window = min(eng.n_ctx, window)
     return eng, time.perf_counter() - started
 
 
@@ -95,7 +103,7 @@ def expand(engine, request: ExpandRequest, seed: int, *, on_text: Callable[[str]
     """One prompt, start to finish (every operation and retry)."""
     results: dict[Hashable, tuple[Any, BaseException | None]] = {}
     scheduler = Scheduler(
-        engine.branches(), tokenizer(engine), n_ctx=engine.n_ctx, parallel=1,
+        engine.branches(), tokenizer(engine), n_ctx=engine.n_ctx, window=engine.window, parallel=1,
         on_piece=(lambda _key, text: on_text(text)) if on_text else None,
     )
     scheduler.run([(0, run_expand(request, seed))], lambda k, v, e: results.__setitem__(k, (v, e)))
@@ -271,7 +279,8 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
             else:
                 yield i, _resume(job, first[i])
 
-    scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx, parallel=parallel)
+    scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx, window=engine.window,
+                          parallel=parallel)
     scheduler.run(continue_jobs(), on_result)
     tokens += scheduler.stats.tokens_decoded
 
@@ -333,10 +342,10 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
     from kgen_cli.tree import independent_sample, tgts_sample
 
     prompt = engine.tokenize(request.prompt, add_bos=True)
-    max_tokens = min(request.params.max_tokens, engine.n_ctx - len(prompt) - 1)
+    max_tokens = min(request.params.max_tokens, engine.window - len(prompt))
     if max_tokens < 1:
-        raise EngineError(f"the prompt is {len(prompt)} tokens, the context ({engine.n_ctx}) has no room "
-                          "left to generate; raise --n-ctx")
+        raise EngineError(f"the prompt is {len(prompt)} tokens, longer than the context ({engine.window}); "
+                          f"raise {'--context-length' if engine.window < engine.n_ctx else '--n-ctx'}")
     decoder = _branches(engine, check)
     if sampler == "tgts":
         return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,

@@ -53,13 +53,27 @@ FAMILY_DEFAULTS: dict[str, SamplingParams] = {
 TREE_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.1, repeat_penalty=1.0, max_tokens=512)
 
 
+# A call that may be skipped (a retry, a later operation) is made only if its prompt leaves room
+# for this many new tokens (max_tokens, if smaller) in the model's context: retries carry every
+# earlier output, and a prompt that outgrows the context the model was trained on gives junk.
+MIN_ROOM = 64
+
+
 @dataclass(frozen=True)
 class CompletionRequest:
-    """One model call: continue `prompt` (text without BOS; the engine adds BOS per the GGUF)."""
+    """One model call: continue `prompt` (text without BOS; the engine adds BOS per the GGUF).
+
+    `may_skip`: the job can do without this call (a retry, a later operation). When its prompt
+    leaves less than `room_needed()` tokens in the call window, it is answered without a model
+    call by `Completion.no_room`."""
 
     prompt: str
     seed: int
     params: SamplingParams
+    may_skip: bool = False
+
+    def room_needed(self) -> int:
+        return min(MIN_ROOM, self.params.max_tokens)
 
 
 @dataclass
@@ -69,6 +83,11 @@ class Completion:
     text: str
     n_prompt_tokens: int
     n_tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "no_room"]
     prompt_seconds: float = 0.0
     generate_seconds: float = 0.0
+
+    @classmethod
+    def no_room(cls, n_prompt_tokens: int) -> Completion:
+        """The answer to a `may_skip` request whose prompt leaves too little room: no call made."""
+        return cls(text="", n_prompt_tokens=n_prompt_tokens, n_tokens=0, finish_reason="no_room")

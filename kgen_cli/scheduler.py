@@ -14,6 +14,11 @@ most of the previous prompt (meta lines, the tags so far), so the sequence is cu
 common start (`truncate`) and only the rest is decoded, as llama-cpp-python's single-sequence
 prompt cache does for the peers.
 
+One call spans at most `window` positions, prompt included (the model's trained context; the
+peers load TIPO/DTG with n_ctx=1024): its new tokens are capped to fit, a first prompt that does
+not fit is the job's error, and a `may_skip` request that leaves less than `room_needed()` is
+answered with `Completion.no_room` without a model call.
+
 Pure Python over the `tree.BranchDecoder` protocol, so it is tested with a fake decoder.
 """
 
@@ -41,6 +46,7 @@ class _Call:
     job: Job
     request: CompletionRequest
     prompt: list[int]
+    budget: int = 0  # most new tokens: max_tokens, clipped to the window
     seq: int = -1
     sampler: Any = None
     fed: list[int] = field(default_factory=list)  # generated tokens decoded into the sequence
@@ -82,16 +88,19 @@ class Scheduler:
         parallel: int = 16,
         on_piece: Callable[[Hashable, str], None] | None = None,
         share_prefix: int = 0,
+        window: int | None = None,
     ):
-        """`share_prefix` > 0: a new prompt that starts with at least that many tokens of a live
-        request's prompt forks that sequence and decodes only the rest (TIPO prompts share their
-        header); 0 shares whole identical prompts only."""
+        """`n_ctx`: KV cells shared by every sequence; `window`: the most positions one call
+        spans (default n_ctx). `share_prefix` > 0: a new prompt that starts with at least that
+        many tokens of a live request's prompt forks that sequence and decodes only the rest
+        (TIPO prompts share their header); 0 shares whole identical prompts only."""
         if parallel < 1:
             raise KgenError("parallel must be at least 1")
         self.share_prefix = share_prefix
         self.decoder = decoder
         self.tokenize = tokenize
         self.n_ctx = n_ctx
+        self.window = min(n_ctx, window or n_ctx)
         self.parallel = min(parallel, decoder.max_branches)
         self._can_truncate = callable(getattr(decoder, "truncate", None))
         self.on_piece = on_piece
@@ -178,30 +187,39 @@ class Scheduler:
             self._waiting.appendleft(call)
 
     def _next_call(self, key, job, on_result, start: bool, completion) -> _Call | None:
-        """The job's next request as a call; None when the job ended (result or error reported)."""
-        try:
-            request = next(job) if start else job.send(completion)
-        except StopIteration as stop:
-            on_result(key, stop.value, None)
-            return None
-        except KgenError as exc:
-            on_result(key, None, exc)
-            return None
-        try:
-            prompt = self.tokenize(request.prompt)
-        except KgenError as exc:
-            job.close()
-            on_result(key, None, exc)
-            return None
-        if len(prompt) + 1 > self.n_ctx:
-            job.close()
-            on_result(key, None, EngineError(
-                f"prompt is {len(prompt)} tokens, longer than the context ({self.n_ctx}); raise --n-ctx"))
-            return None
-        return _Call(key=key, job=job, request=request, prompt=prompt)
+        """The job's next request as a call; None when the job ended (result or error reported).
+        A `may_skip` request without room in the window is answered here, and the next one taken."""
+        while True:
+            try:
+                request = next(job) if start else job.send(completion)
+            except StopIteration as stop:
+                on_result(key, stop.value, None)
+                return None
+            except KgenError as exc:
+                on_result(key, None, exc)
+                return None
+            start = False
+            try:
+                prompt = self.tokenize(request.prompt)
+            except KgenError as exc:
+                job.close()
+                on_result(key, None, exc)
+                return None
+            room = self.window - len(prompt)
+            if request.may_skip and room < request.room_needed():
+                completion = Completion.no_room(len(prompt))
+                continue
+            if room < 1:
+                job.close()
+                on_result(key, None, EngineError(
+                    f"the prompt is {len(prompt)} tokens, longer than the context ({self.window}); "
+                    f"raise {'--context-length' if self.window < self.n_ctx else '--n-ctx'}"))
+                return None
+            budget = min(request.params.max_tokens, room)
+            return _Call(key=key, job=job, request=request, prompt=prompt, budget=budget)
 
     def _cells_in_use(self) -> int:
-        return sum(len(c.prompt) + c.request.params.max_tokens for c in self._live.values())
+        return sum(len(c.prompt) + c.budget for c in self._live.values())
 
     def _admit(self, feeds: dict[int, list[int]]) -> None:
         """Give free sequence slots to waiting requests; their prompts join this step's `feeds`.
@@ -225,8 +243,7 @@ class Scheduler:
         admitted: set[int] = set()  # sequences whose prompt cells are only decoded by this step
         while self._waiting and len(self._live) < self.parallel:
             call = self._waiting[0]
-            budget = len(call.prompt) + call.request.params.max_tokens
-            if self._live and self._cells_in_use() + budget > self.n_ctx:
+            if self._live and self._cells_in_use() + len(call.prompt) + call.budget > self.n_ctx:
                 return  # wait for cells; a lone request always runs (its max_tokens is clipped)
             if call.inherited is not None:
                 seq, held = call.inherited
@@ -301,7 +318,6 @@ class Scheduler:
             sampled = self.decoder.sample(seq, call.sampler, with_prob=False)
             if not call.first_token_at:
                 call.first_token_at = time.perf_counter()
-            limit = min(call.request.params.max_tokens, self.n_ctx - len(call.prompt) - 1)
             if sampled.is_eog:
                 call.finish_reason = "stop"
                 self._finish(call, on_result)
@@ -309,7 +325,7 @@ class Scheduler:
             call.pieces.append(sampled.piece)
             self.stats.generated_tokens += 1
             self._stream(call, sampled.piece)
-            if len(call.pieces) >= limit:
+            if len(call.pieces) >= call.budget:
                 call.finish_reason = "length"
                 self._finish(call, on_result)
                 continue

@@ -49,6 +49,7 @@ class FakeEngine:
     def __init__(self, n_seq_max: int = 16, n_ctx: int = 8192):
         self.decoder = FakeDecoder(max_branches=n_seq_max)
         self.n_seq_max, self.n_ctx = n_seq_max, n_ctx
+        self.window = n_ctx
 
     def branches(self):
         return self.decoder

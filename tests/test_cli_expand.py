@@ -201,7 +201,7 @@ SCHEMA = {
     "family": str,
     "seed": int,
     "device": str,
-    "engine": {"n_ctx": int, "n_threads": int, "gpu_layers": int, "gpu_offload_supported": bool},
+    "engine": {"n_ctx": int, "context_length": int, "n_threads": int, "gpu_layers": int, "gpu_offload_supported": bool},
     "sampling": {"temperature": NUM, "top_p": NUM, "top_k": int, "min_p": NUM, "repeat_penalty": NUM,
                  "max_tokens": int},
     "request": {"tag_length": str, "nl_length": str, "aspect_ratio": NUM, "bans": [str], "retries": int},
@@ -211,6 +211,7 @@ SCHEMA = {
     "tag_map": TAG_MAP,
     "new_tags": [str],
     "calls": [CALL],
+    "skipped_calls": [{"operation": str, "attempt": int, "n_prompt_tokens": int}],
 }  # fmt: skip
 DEFAULTS = {  # FORMATS.md §12, with --max-tokens 24 from FAST
     "tipo": {"temperature": 0.35, "top_p": 0.95, "top_k": 60, "min_p": 0.1, "repeat_penalty": 1.17, "max_tokens": 24},
@@ -255,6 +256,23 @@ def test_json_is_complete_and_consistent(model_path, family):
     assert t["tokens_per_second"] == pytest.approx(t["generated_tokens"] / t["generation_seconds"], rel=0.01)
     assert t["load_seconds"] > 0
     assert t["wall_seconds"] >= t["generation_seconds"] + t["prompt_eval_seconds"] - 1e-3
+
+
+@model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_retries_stop_at_the_context_length(model_path, family):
+    """Retry prompts carry every earlier output; none outgrows --context-length: each call's
+    prompt + new tokens fits it, and the retry that would not fit is listed, not made."""
+    doc = expand_json(model_path, family, "--seed", "5", "--retries", "8", "--max-tokens", "40",
+                      "--context-length", "200")
+    assert doc["engine"]["context_length"] == 200
+    calls, skipped = doc["calls"], doc["skipped_calls"]
+    assert len(calls) > 1 and skipped  # SmolLM2's junk never meets the target: only the context stops it
+    for call in calls:
+        assert call["n_prompt_tokens"] + call["n_tokens"] <= 200
+    for skip in skipped:
+        assert skip["n_prompt_tokens"] > 200 - 40
+        assert skip["attempt"] > 0 or skip["operation"] != calls[0]["operation"]
 
 
 @model

@@ -224,6 +224,62 @@ def test_default_retries_same_output_counter():
     assert len(model.requests) == 6  # 1 new output, then 5 repeats
 
 
+class WindowedModel(Model):
+    """A scripted model with a context window of `window` characters, answering a `may_skip`
+    request that leaves no room as the scheduler does (Completion.no_room, no model call)."""
+
+    def __init__(self, window: int, *outputs, default=None):
+        super().__init__(*outputs, default=default)
+        self.window = window
+        self.skipped: list[CompletionRequest] = []
+
+    def __call__(self, request: CompletionRequest) -> Completion:
+        if request.may_skip and self.window - len(request.prompt) < request.room_needed():
+            self.skipped.append(request)
+            return Completion.no_room(len(request.prompt))
+        return super().__call__(request)
+
+
+def test_only_the_first_call_of_a_job_must_be_made():
+    calls = iter(range(100))
+    model = Model(default=lambda r: f", zm{next(calls)}q")
+    run(ExpandRequest(tags="1girl", template=TAG_ONLY, tag_length="very_long", retries=3), model)
+    assert [r.may_skip for r in model.requests] == [False, True, True, True]
+
+
+def test_a_retry_without_room_ends_the_operation_with_the_last_result():
+    calls = iter(range(100))
+    model = WindowedModel(200, default=lambda r: ", " + ", ".join(f"zw{next(calls)}q" for _ in range(4)))
+    request = ExpandRequest(tags="1girl", template=TAG_ONLY, tag_length="very_long", retries=10)
+    result = run(request, model)
+    # Each retry prompt carries 4 more tags (~28 characters): the window of 200 (64 of them kept free) ends the loop early.
+    made = len(model.requests)
+    assert 1 < made < 11 and len(model.skipped) == 1
+    assert result.skipped_calls == [{"operation": "None", "attempt": made, "n_prompt_tokens": len(model.skipped[0].prompt)}]
+    # The last attempt's tags are the result: 1 input + 4 per call made.
+    assert result.tag_map["special"] == ["1girl"] and len(result.tag_map["general"]) == 4 * made
+    assert result.to_dict()["skipped_calls"] == result.skipped_calls
+
+
+def test_an_operation_without_room_is_skipped_and_the_plan_goes_on():
+    # tags + NL, expand both: tag operation first, then the NL one; the NL one never fits.
+    model = WindowedModel(60, ", zx1q, zx2q", default=None)
+    request = ExpandRequest(tags="1girl, solo, " + ", ".join(names("p", 3)), nl="A girl.", template=BOTH, retries=2)
+    result = run(request, model)
+    assert len(model.requests) == 1
+    assert [s["attempt"] for s in result.skipped_calls] == [1] + [0] * (len(result.operations) - 1)
+    assert "zx1q" in result.tag_map["general"] and "zx2q" in result.tag_map["general"]
+
+
+def test_dtg_retry_without_room_keeps_the_new_tags_so_far():
+    counter = iter(range(100))
+    model = WindowedModel(len(D1) + 120, default=lambda r: f", zd{next(counter)}q, ze{next(counter)}q")
+    result = run(ExpandRequest(tags=D1_TAGS, family="dtg", retries=20), model)
+    made = len(model.requests)
+    assert 1 < made < 21 and result.skipped_calls[0]["operation"] == "dtg"
+    assert len(result.new_tags) == 2 * made  # every call's tags: retries extend the previous output
+
+
 def test_same_output_counter_resets_on_a_new_output():
     model = Model("", "", ", zg1q", default="")
     run(ExpandRequest(tags="1girl", template=TAG_ONLY), model)

@@ -158,3 +158,33 @@ def test_an_error_mid_run_releases_every_sequence_and_sampler():
     with pytest.raises(Boom):
         sched.run([(k, retrying_job(k, [])) for k in range(6)], on_result)
     assert decoder.live_seqs == 0 and decoder.live_cells == 0 and not decoder.live_samplers
+
+
+def test_window_caps_each_call_and_skips_optional_calls_without_room():
+    """One call spans at most `window` positions: new tokens are capped to fit; a may_skip
+    request that leaves less than room_needed() is answered with no_room and never decoded."""
+    long_prompt = "y" * 90  # 91 tokens with the newline
+
+    def windowed_job():
+        first = yield CompletionRequest("x" * 60, 1, PARAMS)  # 61 tokens: 39 left of 100
+        skipped = yield CompletionRequest(long_prompt, 2, PARAMS, may_skip=True)  # 9 left < 40
+        return first, skipped
+
+    decoder = FakeDecoder()
+    results = {}
+    sched = Scheduler(decoder, tokenize, n_ctx=4096, parallel=2, window=100)
+    sched.run([(0, windowed_job())], lambda k, v, e: results.__setitem__(k, (v, e)))
+    (first, skipped), error = results[0]
+    assert error is None
+    assert first.n_tokens <= 100 - 61 and first.finish_reason in ("stop", "length")
+    assert (skipped.finish_reason, skipped.n_tokens, skipped.n_prompt_tokens) == ("no_room", 0, 91)
+    assert len(decoder.allocations) == 1 and decoder.live_seqs == 0  # the skipped call took no sequence
+
+
+def test_a_first_call_longer_than_the_window_is_the_jobs_error():
+    results, _ = run(FakeDecoder(), [(0, job(["x" * 100], 0, []))], n_ctx=4096)
+    assert results[0][1] is None
+    results = {}
+    sched = Scheduler(FakeDecoder(), tokenize, n_ctx=4096, window=50)
+    sched.run([(0, job(["x" * 100], 0, []))], lambda k, v, e: results.__setitem__(k, (v, e)))
+    assert "longer than the context (50); raise --context-length" in str(results[0][1])

@@ -127,6 +127,7 @@ def batch(
     exploration: o.ExplorationOpt = 1.0,
     gpu_layers: o.GpuLayersOpt = "auto",
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells shared by all sequences (default: parallel x (max tokens + 256), at least 4096).")] = None,
+    context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = False,
 ) -> None:
@@ -185,9 +186,10 @@ def batch(
         n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens)
     engine, load_seconds = runner.open_engine(runner.EngineConfig(
         model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
-        n_seq_max=parallel, context_length=resolved.context_length))
+        n_seq_max=parallel, context_length=context_length or resolved.n_ctx))
     if verbose:
         info(f"model {resolved.name} ({resolved.family}), loaded in {load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
+             f"context length {engine.window}, "
              f"{parallel} parallel sequences, base seed {base_seed}")
     out = sys.stdout if output is None else open(output, "a" if resume else "w", encoding="utf-8", newline="\n")
     writer = OrderedWriter(out, skip=done)

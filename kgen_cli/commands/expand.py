@@ -60,6 +60,7 @@ def expand(
     tree_out: Annotated[Optional[Path], typer.Option("--tree-out", rich_help_panel=o.VARIANTS, help="TGTS: write the final tree as JSON to this file.")] = None,
     gpu_layers: o.GpuLayersOpt = "auto",
     n_ctx: o.NCtxOpt = None,
+    context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
     show_prompt: Annotated[bool, typer.Option("--show-prompt", rich_help_panel=o.OUTPUT, help="Print the exact text of the first model call and exit (no model needed).")] = False,
     json_: Annotated[bool, typer.Option("--json", rich_help_panel=o.OUTPUT, help="Print one JSON object with everything: input, model, seeds, sampling, every call's prompt and raw output, timings.")] = False,
@@ -101,7 +102,7 @@ def expand(
     config = runner.EngineConfig(
         model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers,
         threads=threads, verbose=verbose, n_seq_max=1 if variants == 1 else min(variants + 1, runner.MAX_SEQUENCES),  # + the prompt anchor
-        context_length=resolved.context_length, max_tokens=request.params.max_tokens,
+        context_length=context_length or resolved.n_ctx, max_tokens=request.params.max_tokens,
     )
     engine, load_seconds = runner.open_engine(config)
     try:
@@ -237,8 +238,8 @@ def _engine_json(engine) -> dict:
     layers = min(int(model_info.get("n_gpu_layers", 0)), int(model_info.get("n_layer", 0)) + 1) if offload else 0
     return {
         "device": "gpu" if layers > 0 else "cpu",
-        "engine": {"n_ctx": engine.n_ctx, "n_threads": model_info.get("n_threads"), "gpu_layers": layers,
-                   "gpu_offload_supported": offload},
+        "engine": {"n_ctx": engine.n_ctx, "context_length": engine.window, "n_threads": model_info.get("n_threads"),
+                   "gpu_layers": layers, "gpu_offload_supported": offload},
     }
 
 
