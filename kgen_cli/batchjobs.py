@@ -37,11 +37,17 @@ SHARE_PREFIX = 8
 MAX_N_CTX = 65536
 
 
-def batch_n_ctx(parallel: int, max_tokens: int) -> int:
-    """The default context for `kgen batch --parallel K`: the scheduler reserves a call's prompt +
-    max_tokens cells while it runs, so K calls at once need about K x (max_tokens + a prompt).
-    TIPO defaults (512 tokens), K = 16: 12288 cells."""
-    want = parallel * (max_tokens + PROMPT_CELLS)
+def batch_n_ctx(parallel: int, max_tokens: int, context_length: int, *, unified: bool = True) -> int:
+    """The default context for `kgen batch --parallel K`.
+
+    Unified (TGTS trees): the scheduler reserves a call's prompt + max_tokens cells while it
+    runs, so K calls at once need about K x (max_tokens + a prompt); TIPO defaults (512 tokens),
+    K = 16: 12288 cells. A stream per sequence: each stream holds a whole call, K x the context
+    length (1024: 16384 cells)."""
+    if unified:
+        want = parallel * (max_tokens + PROMPT_CELLS)
+    else:
+        want = parallel * (-(-context_length // 256) * 256)
     want = -(-want // 256) * 256
     return max(MIN_N_CTX, min(MAX_N_CTX, want))
 
@@ -221,7 +227,9 @@ class BatchRun:
         self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
         self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
                                    n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max),
-                                   share_prefix=SHARE_PREFIX, window=engine.window)
+                                   # separate KV streams: a fork copies a whole stream, too dear for a header
+                                   share_prefix=SHARE_PREFIX if engine.kv_unified else 0,
+                                   window=engine.window)
 
     def busy(self) -> bool:
         """Whether model calls are decoding or waiting for a slot."""

@@ -571,7 +571,7 @@ class DecodeCounters:
 
 
 class Engine:
-    """A loaded model with one llama.cpp context (unified KV, up to `n_seq_max` sequences)."""
+    """A loaded model with one llama.cpp context (up to `n_seq_max` sequences; unified KV by default)."""
 
     def __init__(
         self,
@@ -584,7 +584,13 @@ class Engine:
         verbose: bool = False,
         extra_buffers: bool | None = None,
         flash_attn: bool | None = None,
+        kv_unified: bool = True,
     ):
+        """`kv_unified=False` gives each sequence its own KV stream of n_ctx / n_seq_max cells:
+        attention then reads only the sequence's own cells (with one shared buffer every token
+        reads every used cell, masked), which is much faster for many long, unrelated sequences
+        (kgen batch), but forks copy whole streams and partial copies do not exist (the tree
+        needs the unified cache)."""
         if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= MAX_SEQ:
             # llama.cpp returns NULL for > 256; validating gives the user the reason.
             raise UsageError(f"n_seq_max must be in [1, {MAX_SEQ}], got {n_seq_max!r}")
@@ -632,7 +638,7 @@ class Engine:
                 n_batch=want,  # one step never needs Python chunking; llama_decode splits into ubatches
                 n_ubatch=min(512, want),
                 n_seq_max=n_seq_max,
-                kv_unified=True,  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
+                kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
                 n_threads=threads,
                 n_threads_batch=threads,
                 no_perf=True,  # llama.cpp's token counters still run; only its timers are off
@@ -645,9 +651,12 @@ class Engine:
             self._ctx = ctx
             self._mem = ll.llama_get_memory(ctx)
             self.n_ctx: int = ll.llama_n_ctx(ctx)
+            self.kv_unified = bool(kv_unified)
+            # Cells one sequence can hold: all of them when unified, its stream's otherwise.
+            self.n_ctx_seq: int = ll.llama_n_ctx_seq(ctx) if not kv_unified else self.n_ctx
             # The most positions one model call spans (prompt + new tokens). The context holds
             # many sequences; kgen's runner narrows this to the model's trained context.
-            self.window: int = self.n_ctx
+            self.window: int = self.n_ctx_seq
             self.n_batch: int = ll.llama_n_batch(ctx)
             self.n_seq_max: int = ll.llama_n_seq_max(ctx)
             self.n_threads = threads
@@ -675,6 +684,7 @@ class Engine:
             "n_layer": int(ll.llama_model_n_layer(model)),
             "add_bos": self._add_bos,
             "n_ctx": self.n_ctx,
+            "kv_unified": self.kv_unified,
             "n_seq_max": self.n_seq_max,
             "n_threads": threads,
             "n_gpu_layers": int(n_gpu_layers),
@@ -812,12 +822,12 @@ class Engine:
         tokens = self.tokenize(req.prompt)
         if not tokens:
             raise UsageError("the prompt is empty: there is nothing to continue")
-        if len(tokens) > self.n_ctx - 1:
+        if len(tokens) > self.n_ctx_seq - 1:
             raise EngineError(
-                f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx} "
-                f"(at most {self.n_ctx - 1} prompt tokens); raise n_ctx or shorten the prompt"
+                f"the prompt is {len(tokens)} tokens, a sequence holds {self.n_ctx_seq} "
+                f"(at most {self.n_ctx_seq - 1} prompt tokens); raise n_ctx or shorten the prompt"
             )
-        return _Job(index, req, tokens, budget=min(req.params.max_tokens, self.n_ctx - len(tokens)))
+        return _Job(index, req, tokens, budget=min(req.params.max_tokens, self.n_ctx_seq - len(tokens)))
 
     def _generate(self, reqs: list[CompletionRequest], on_text: Callable[[str], None] | None) -> list[Completion]:
         return _run_batched(self, reqs, on_text)
@@ -926,9 +936,15 @@ class BranchDecoder:
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= self._len[parent]:
             raise EngineError(f"fork keep={keep!r} is outside 0..{self._len[parent]} (length of seq {parent})")
         child = self.open()
-        if keep > 0:
-            # Partial copies are legal with the unified KV cache only (the Engine always uses it).
-            self._ll.llama_memory_seq_cp(self._engine._mem, parent, child, 0, keep)
+        mem = self._engine._mem
+        if keep > 0 and self._engine.kv_unified:
+            self._ll.llama_memory_seq_cp(mem, parent, child, 0, keep)  # shared cells, metadata only
+        elif keep > 0:
+            # Separate streams: only a whole-stream copy exists (a partial one aborts the
+            # process); it is queued for the next decode. Then drop what is past `keep`.
+            self._ll.llama_memory_seq_cp(mem, parent, child, -1, -1)
+            if keep < self._len[parent]:
+                self._ll.llama_memory_seq_rm(mem, child, keep, -1)
         self._len[child] = keep
         if keep == self._len[parent] and parent in self._logits_at:
             self._logits_at[child] = self._logits_at[parent]
@@ -950,7 +966,6 @@ class BranchDecoder:
             raise EngineError(f"truncate keep={keep!r} is outside 0..{self._len[seq]} (length of seq {seq})")
         if keep == self._len[seq]:
             return
-        # A position range is legal with the unified KV cache (the Engine always uses it).
         self._ll.llama_memory_seq_rm(self._engine._mem, seq, keep, -1)
         self._len[seq] = keep
         self._logits_at.pop(seq, None)
@@ -976,9 +991,9 @@ class BranchDecoder:
             self._check(seq)
             if not tokens:
                 raise EngineError(f"step(): no tokens for sequence {seq}")
-            if self._len[seq] + len(tokens) > eng.n_ctx:
+            if self._len[seq] + len(tokens) > eng.n_ctx_seq:
                 raise EngineError(
-                    f"sequence {seq} would hold {self._len[seq] + len(tokens)} tokens, the context has {eng.n_ctx}"
+                    f"sequence {seq} would hold {self._len[seq] + len(tokens)} tokens, it has room for {eng.n_ctx_seq}"
                 )
             for t in tokens:
                 if not 0 <= t < eng.n_vocab:

@@ -54,6 +54,7 @@ class EngineConfig:
     n_seq_max: int = 1
     context_length: int | None = None  # one call's context: --context-length, else the registry's
     max_tokens: int | None = None  # per model call, when known: sizes the default context
+    kv_unified: bool = True  # False: a KV stream per sequence (kgen batch without trees)
 
 
 def default_n_ctx(sequences: int, max_tokens: int | None = None) -> int:
@@ -89,9 +90,10 @@ def open_engine(config: EngineConfig):
         n_threads=config.threads,
         n_seq_max=max(1, min(config.n_seq_max, MAX_SEQUENCES)),
         verbose=config.verbose,
+        kv_unified=config.kv_unified,
     )
     window = config.context_length or min(DEFAULT_CONTEXT_LENGTH, eng.model_info["n_ctx_train"] or DEFAULT_CONTEXT_LENGTH)
-    eng.window = min(eng.n_ctx, window)
+    eng.window = min(eng.n_ctx_seq, window)
     return eng, time.perf_counter() - started
 
 

@@ -397,6 +397,34 @@ def test_branch_start_fork_and_logits(engine):
 
 
 @pytest.mark.model
+def test_separate_kv_streams_fork_by_whole_copy(model_path):
+    """kv_unified=False (kgen batch): each sequence has its own stream of n_ctx / n_seq_max
+    cells. A fork copies the parent's whole stream (a partial copy would abort the process) and
+    cuts it back to `keep`; the child then continues exactly like the parent."""
+    import numpy as np
+
+    with Engine(model_path, n_ctx=2048, n_seq_max=4, kv_unified=False) as eng:
+        assert (eng.kv_unified, eng.n_ctx_seq, eng.window) == (False, 512, 512)
+        assert eng.model_info["kv_unified"] is False
+        tokens = eng.tokenize(PROMPT)
+        with eng.branches() as bd:
+            a = bd.start(tokens)
+            row = bd.logits(a).copy()
+            tip = bd.fork(a, len(tokens))
+            np.testing.assert_array_equal(bd.logits(tip), row)
+            part = bd.fork(a, len(tokens) - 3)
+            assert bd.length(part) == len(tokens) - 3 and not bd.has_logits(part)
+            bd.step({part: tokens[-3:], tip: [tokens[0]]})  # the queued copy happens in this decode
+            np.testing.assert_allclose(bd.logits(part), row, rtol=1e-3, atol=1e-3)
+            assert bd.length(part) == len(tokens) and bd.length(tip) == len(tokens) + 1
+            bd.free(a)  # the copies own their cells
+            bd.step({part: [tokens[1]]})
+            assert bd.length(part) == len(tokens) + 1
+            with pytest.raises(EngineError, match="room for 512"):  # one stream's cells, not n_ctx
+                bd.step({part: [tokens[0]] * (512 - len(tokens))})
+
+
+@pytest.mark.model
 def test_branch_truncate_keeps_a_prefix_for_the_next_prompt(engine):
     import numpy as np
 

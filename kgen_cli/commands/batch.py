@@ -126,7 +126,7 @@ def batch(
     group_size: o.GroupSizeOpt = 4,
     exploration: o.ExplorationOpt = 1.0,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells shared by all sequences (default: parallel x (max tokens + 256), at least 4096).")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells for all sequences (default: parallel x context length, each sequence in its own KV stream; with TGTS -n, parallel x (max tokens + 256), shared).")] = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = False,
@@ -182,11 +182,17 @@ def batch(
     base_seed = runner.random_seed() if seed is None else seed
 
     resolved = resolve_model(model, fam, download_missing=True)
+    sampler_name = sampler.value if sampler else "tgts"
+    # TGTS trees fork partial prefixes: one shared KV buffer. Otherwise every sequence gets its
+    # own stream, where attention reads only that sequence's cells (faster for long calls).
+    unified = variants > 1 and sampler_name == "tgts"
+    context_length = context_length or resolved.n_ctx or runner.DEFAULT_CONTEXT_LENGTH
     if n_ctx is None:
-        n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens)
+        n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens,
+                                      context_length, unified=unified)
     engine, load_seconds = runner.open_engine(runner.EngineConfig(
         model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
-        n_seq_max=parallel, context_length=context_length or resolved.n_ctx))
+        n_seq_max=parallel, context_length=context_length, kv_unified=unified))
     if verbose:
         info(f"model {resolved.name} ({resolved.family}), loaded in {load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
              f"context length {engine.window}, "
@@ -203,7 +209,7 @@ def batch(
             state.progress = progress
             run = batchjobs.BatchRun(engine, defaults, base_seed, variants=variants, parallel=parallel,
                                      on_done=state.record, check=stop.check,
-                                     sampler=sampler.value if sampler else "tgts", group_size=group_size,
+                                     sampler=sampler_name, group_size=group_size,
                                      exploration=exploration)
             if regular:
                 lines = stop.watch(stream)
