@@ -1006,7 +1006,13 @@ class BranchDecoder:
         tok, pos, n_seq_id, seq_id, want = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
         rows: dict[int, int] = {}
         i = 0
-        for seq, tokens in feeds.items():
+        order = feeds.items()
+        if not eng.kv_unified:
+            # With a stream per sequence llama.cpp builds each micro-batch from sequences whose
+            # ids rise by one in batch order (split_equal, sequential): unsorted ids would cost
+            # one forward pass per break in that chain.
+            order = sorted(order)
+        for seq, tokens in order:
             p = self._len[seq]  # positions stay contiguous per sequence (a gap is rc -1)
             for t in tokens:
                 tok[i], pos[i], n_seq_id[i], want[i] = t, p, 1, 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable
 
 from kgen_cli.errors import EngineError, KgenError, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand

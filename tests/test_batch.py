@@ -368,10 +368,38 @@ def test_stdin_jsonl_in_order_with_16_sequences_at_once_and_refills(model_path, 
     s = stats_line(proc.stderr)
     assert (s["prompts"], s["failed"], s["calls"], s["peak"]) == (32, 0, 32, 16)
     assert s["refills"] >= 8  # finished sequences were replaced while others still decoded
-    # A KV stream per sequence: no header forks (each would copy a whole stream); the sharing
-    # itself is tested on the fake decoder.
-    assert s["shared"] == 0
+    assert s["shared"] >= 16 * s["refills"]  # refills fork the TIPO header of a live prompt
+    assert "one shared KV buffer" in proc.stderr.decode()  # short single calls: shared cells
     assert s["steps"] < sum(d["calls"][0]["n_tokens"] for d in docs) / 2
+
+
+@pytest.mark.model
+def test_retries_run_on_a_kv_stream_per_sequence(model_path, isolated_home):
+    """With retries a call can grow to the context length: every sequence gets its own KV
+    stream (kv_unified=false), forks copy whole streams, and a job's retries reuse its stream."""
+    lines = prompts(6)
+    proc = kgen_batch(model_path, isolated_home, "-", "--output-format", "jsonl", "--seed", "5", "--retries", "2",
+                      "--parallel", "4", "-v", stdin="".join(t + "\n" for t in lines).encode())
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    err = proc.stderr.decode()
+    assert "a KV stream per sequence" in err and "context length 1024" in err
+    docs = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [d["index"] for d in docs] == list(range(6)) and not any("error" in d for d in docs)
+    for d, line in zip(docs, lines):
+        assert owns(d["formatted"], line)
+        assert all(c["n_prompt_tokens"] + c["n_tokens"] <= 1024 for c in d["calls"])
+    s = stats_line(proc.stderr)
+    assert s["calls"] == sum(len(d["calls"]) for d in docs) and s["calls"] > 6  # the retries ran
+    assert s["peak"] == 4
+
+
+def test_kv_streams_only_for_long_calls_without_trees():
+    rule = batchjobs.use_kv_streams
+    assert rule(trees=False, context_length=1024, max_tokens=512, retries=None)  # TIPO's defaults
+    assert rule(trees=False, context_length=1024, max_tokens=8, retries=1)  # retries grow the prompt
+    assert rule(trees=False, context_length=1024, max_tokens=512, retries=0)
+    assert not rule(trees=False, context_length=1024, max_tokens=64, retries=0)  # short single calls
+    assert not rule(trees=True, context_length=1024, max_tokens=512, retries=None)  # trees fork prefixes
 
 
 @pytest.mark.model

@@ -183,10 +183,10 @@ def batch(
 
     resolved = resolve_model(model, fam, download_missing=True)
     sampler_name = sampler.value if sampler else "tgts"
-    # TGTS trees fork partial prefixes: one shared KV buffer. Otherwise every sequence gets its
-    # own stream, where attention reads only that sequence's cells (faster for long calls).
-    unified = variants > 1 and sampler_name == "tgts"
     context_length = context_length or resolved.n_ctx or runner.DEFAULT_CONTEXT_LENGTH
+    unified = not batchjobs.use_kv_streams(
+        trees=variants > 1 and sampler_name == "tgts", context_length=context_length,
+        max_tokens=max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens, retries=retries)
     if n_ctx is None:
         n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens,
                                       context_length, unified=unified)
@@ -196,6 +196,7 @@ def batch(
     if verbose:
         info(f"model {resolved.name} ({resolved.family}), loaded in {load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
              f"context length {engine.window}, "
+             f"{'one shared KV buffer' if engine.kv_unified else 'a KV stream per sequence'}, "
              f"{parallel} parallel sequences, base seed {base_seed}")
     out = sys.stdout if output is None else open(output, "a" if resume else "w", encoding="utf-8", newline="\n")
     writer = OrderedWriter(out, skip=done)
