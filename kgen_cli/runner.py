@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-from kgen_cli.errors import EngineError, KgenError, UsageError
+from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand
 from kgen_cli.sampling import Completion, CompletionRequest, derive_seed
-from kgen_cli.scheduler import Scheduler
+from kgen_cli.scheduler import Scheduler, prompt_too_long
 
 DEFAULT_N_CTX = 4096
 # One model call's context (prompt + new tokens) for a file the registry does not describe: the
@@ -346,8 +346,7 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
     prompt = engine.tokenize(request.prompt, add_bos=True)
     max_tokens = min(request.params.max_tokens, engine.window - len(prompt))
     if max_tokens < 1:
-        raise EngineError(f"the prompt is {len(prompt)} tokens, longer than the context ({engine.window}); "
-                          f"raise {'--context-length' if engine.window < engine.n_ctx else '--n-ctx'}")
+        raise prompt_too_long(len(prompt), engine.window, engine.n_ctx)
     decoder = _branches(engine, check)
     if sampler == "tgts":
         return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,

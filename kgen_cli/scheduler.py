@@ -66,6 +66,12 @@ class SchedulerStats:
     generated_tokens: int = 0
 
 
+def prompt_too_long(n_prompt: int, window: int, n_ctx: int) -> EngineError:
+    """The error for a prompt that leaves no room in one call's window, naming the option to raise."""
+    return EngineError(f"the prompt is {n_prompt} tokens, longer than the context ({window}); "
+                       f"raise {'--context-length' if window < n_ctx else '--n-ctx'}")
+
+
 def _common_prefix(prompt: list[int], other: list[int]) -> int:
     """Leading tokens `prompt` shares with `other`, at most len(prompt) - 1 (one is always fed)."""
     n = 0
@@ -211,9 +217,7 @@ class Scheduler:
                 continue
             if room < 1:
                 job.close()
-                on_result(key, None, EngineError(
-                    f"the prompt is {len(prompt)} tokens, longer than the context ({self.window}); "
-                    f"raise {'--context-length' if self.window < self.n_ctx else '--n-ctx'}"))
+                on_result(key, None, prompt_too_long(len(prompt), self.window, self.n_ctx))
                 return None
             budget = min(request.params.max_tokens, room)
             return _Call(key=key, job=job, request=request, prompt=prompt, budget=budget)

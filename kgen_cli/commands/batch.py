@@ -183,13 +183,13 @@ def batch(
 
     resolved = resolve_model(model, fam, download_missing=True)
     sampler_name = sampler.value if sampler else "tgts"
-    context_length = context_length or resolved.n_ctx or runner.DEFAULT_CONTEXT_LENGTH
-    unified = not batchjobs.use_kv_streams(
-        trees=variants > 1 and sampler_name == "tgts", context_length=context_length,
-        max_tokens=max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens, retries=retries)
+    context_length = context_length or resolved.n_ctx  # None: the runner's default for a local file
+    call_tokens = max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens
+    sizing_length = context_length or runner.DEFAULT_CONTEXT_LENGTH
+    unified = not batchjobs.use_kv_streams(trees=variants > 1 and sampler_name == "tgts",
+                                           context_length=sizing_length, max_tokens=call_tokens, retries=retries)
     if n_ctx is None:
-        n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens,
-                                      context_length, unified=unified)
+        n_ctx = batchjobs.batch_n_ctx(parallel, call_tokens, sizing_length, unified=unified)
     engine, load_seconds = runner.open_engine(runner.EngineConfig(
         model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
         n_seq_max=parallel, context_length=context_length, kv_unified=unified))
