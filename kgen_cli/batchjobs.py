@@ -13,6 +13,7 @@ Pure Python above the decoder protocol: tested with the fake decoder as well as 
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable
 from kgen_cli.console import debug_enabled
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.pipeline import run_expand
+from kgen_cli.runner import keep_distinct, round_size
 from kgen_cli.sampling import derive_seed
 from kgen_cli.scheduler import Scheduler
 
@@ -163,6 +165,13 @@ def _guarded(job):
         return (yield from job)
 
 
+def _group(rec, request, seed: int | None, jobs: int, started: float) -> dict:
+    """A record in flight: its variants' results so far (job order) and what they kept."""
+    return {"rec": rec, "request": request, "seed": seed, "started": started, "left": jobs,
+            "results": [None] * jobs, "error": None, "rounds": 1, "checked": 0, "kept": [], "seen": set(),
+            "duplicates": 0}
+
+
 def _timings(results, started: float) -> dict:
     calls = [c for r in results for c in r.calls]
     return {
@@ -217,7 +226,9 @@ class BatchRun:
     `on_done(rec, result, error)` fires once per record as it finishes (in finishing order, not
     input order). Record i uses the seed `base_seed + i` unless it sets its own; variant v of it
     uses `derive_seed(seed, v)`, as `kgen expand -n N --sampler independent` does, and the N
-    variants' identical first prompts share their KV cells. `check()` runs before every decode
+    variants' identical first prompts share their KV cells. Variants that format to the same line
+    are replaced by further rounds (variants N, N+1, ...; `runner.round_size`) as slots free up,
+    so a record gets N distinct variants when the model has them, as `expand -n N` does. `check()` runs before every decode
     step and may raise to stop the batch. `records` may yield None while `busy()` ("no input
     ready yet"): the requests in flight go on decoding.
 
@@ -240,6 +251,7 @@ class BatchRun:
         self.tree_options = {"group_size": group_size, "exploration": exploration}
         self.stats = BatchStats()
         self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
+        self._top_ups: deque[tuple[int, int]] = deque()  # (record index, variant) of further rounds
         self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
                                    n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max),
                                    # separate KV streams: a fork copies a whole stream, too dear for a header
@@ -300,6 +312,7 @@ class BatchRun:
     def _jobs(self, records):
         stats, groups, variants = self.stats, self._groups, self.variants
         for rec in records:
+            yield from self._top_up_jobs()  # finish started records first: a smaller reorder window
             if rec is None:
                 yield None
                 continue
@@ -308,14 +321,22 @@ class BatchRun:
             try:
                 request, seed = line_request(rec, self.defaults, self.base_seed)
             except UsageError as exc:
-                groups[rec.index] = {"rec": rec, "left": 1, "results": [None], "error": None,
-                                     "seed": None, "started": started}
+                groups[rec.index] = _group(rec, None, None, 1, started)
                 yield (rec.index, 0), _failing(exc)
                 continue
-            groups[rec.index] = {"rec": rec, "left": variants, "results": [None] * variants, "error": None,
-                                 "seed": seed, "started": started}
+            groups[rec.index] = _group(rec, request, seed, variants, started)
             for v in range(variants):
                 yield (rec.index, v), _guarded(run_expand(request, derive_seed(seed, v)))
+        while groups:  # the input is done; records still running may need further rounds
+            yield from self._top_up_jobs()
+            if groups:
+                yield None  # busy: their jobs are decoding (a record with none left has ended)
+
+    def _top_up_jobs(self):
+        while self._top_ups:
+            index, v = self._top_ups.popleft()
+            group = self._groups[index]
+            yield (index, v), _guarded(run_expand(group["request"], derive_seed(group["seed"], v)))
 
     def _on_result(self, key, value, error) -> None:
         stats, groups, on_done, variants = self.stats, self._groups, self.on_done, self.variants
@@ -328,18 +349,24 @@ class BatchRun:
             group["results"][v] = value
         if group["left"]:
             return
+        results, kept = group["results"], group["kept"]
+        if group["error"] is None:
+            before = len(kept)
+            group["duplicates"] += keep_distinct(results[group["checked"]:], lambda r: r.formatted, variants,
+                                                 group["seen"], kept)
+            group["checked"] = len(results)
+            if want := round_size(variants, len(kept), group["rounds"], len(kept) - before):
+                group["rounds"] += 1
+                group["left"] = want
+                self._top_ups.extend((index, v) for v in range(len(results), len(results) + want))
+                results.extend([None] * want)
+                return
         del groups[index]
         if group["error"] is not None:
             stats.failed += 1
             on_done(group["rec"], None, group["error"])
             return
-        results = group["results"]
-        unique, seen = [], set()
-        for r in results:
-            if r.formatted not in seen:
-                seen.add(r.formatted)
-                unique.append(r)
         timings = _timings(results, group["started"])
-        on_done(group["rec"], {"variants": unique, "n": variants, "duplicates": variants - len(unique),
+        on_done(group["rec"], {"variants": kept, "n": variants, "duplicates": group["duplicates"],
                                "seed": group["seed"], "tokens": timings["generated_tokens"], "timings": timings},
                 None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterable
 
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand
@@ -154,6 +154,32 @@ class VariantsResult:
 MAX_ROUNDS = 4
 
 
+def round_size(n: int, found: int, rounds: int, added: int) -> int:
+    """How many jobs the next round of N-variant generation draws; 0: no further round.
+    `found` distinct so far after `rounds` rounds, `added` of them by the last one. A further
+    round draws more than it misses (the likeliest outputs come back first)."""
+    if rounds == 0:
+        return n
+    if found >= n or rounds >= MAX_ROUNDS or added == 0:
+        return 0
+    return min(n, 2 * (n - found) + 2)
+
+
+def keep_distinct(items: Iterable, formatted: Callable[[Any], str], n: int, seen: set[str], kept: list) -> int:
+    """Append to `kept` (at most `n` in all), in order, the items whose `formatted(item)` is not
+    in `seen`; returns how many repeats were dropped on the way."""
+    dropped = 0
+    for item in items:
+        if len(kept) == n:
+            break
+        if (line := formatted(item)) in seen:
+            dropped += 1
+            continue
+        seen.add(line)
+        kept.append(item)
+    return dropped
+
+
 def expand_variants(
     engine,
     request: ExpandRequest,
@@ -185,12 +211,10 @@ def expand_variants(
     started = time.perf_counter()
     counters = getattr(engine, "counters", None)
     steps_before = counters.decode_calls if counters else 0
-    variants, extras, seen = [], [], set()
+    kept, seen = [], set()
     dups = tokens = rounds = 0
-    tree_json, stop_reason, next_job = None, "complete", 0
-    while len(variants) < n and rounds < MAX_ROUNDS:
-        # A further round draws more than it misses: the likeliest outputs come back first.
-        want = n if not rounds else min(n, 2 * (n - len(variants)) + 2)
+    tree_json, stop_reason, next_job, added = None, "complete", 0, 0
+    while stop_reason == "complete" and (want := round_size(n, len(kept), rounds, added)):
         # A top-up round is a few variants: independent samples decode them in one pass, where a
         # new tree would first have to grow (its steps come one segment deep at a time).
         done = _variants_round(engine, request, range(next_job, next_job + want), seed,
@@ -198,21 +222,12 @@ def expand_variants(
                                exploration, parallel or max(1, min(n, engine.n_seq_max)), check)
         next_job, rounds = next_job + want, rounds + 1
         tokens += done.tokens
-        dups += done.tree_duplicates
         tree_json = tree_json or done.tree
         stop_reason = done.stop_reason
-        before = len(variants)
-        for value, extra in done.results:
-            if len(variants) == n:
-                break
-            if value.formatted in seen:
-                dups += 1
-                continue
-            seen.add(value.formatted)
-            variants.append(value)
-            extras.append(extra)
-        if stop_reason != "complete" or len(variants) == before:
-            break
+        before = len(kept)
+        dups += done.tree_duplicates + keep_distinct(done.results, lambda r: r[0].formatted, n, seen, kept)
+        added = len(kept) - before
+    variants, extras = [v for v, _ in kept], [e for _, e in kept]
     return VariantsResult(
         variants, dups, tokens, time.perf_counter() - started, sampler if n > 1 else "single", tree_json,
         extras, requested=n, steps=(counters.decode_calls - steps_before) if counters else 0,

@@ -191,11 +191,43 @@ def test_variants_share_the_prompt_and_drop_duplicates():
     done, stats, decoder = run(["1girl, solo", "cat"], variants=3, parallel=6)
     for rec, res, err in done:
         assert err is None and res["n"] == 3
-        assert len(res["variants"]) + res["duplicates"] == 3
-        assert len({v.formatted for v in res["variants"]}) == len(res["variants"])
+        assert len({v.formatted for v in res["variants"]}) == len(res["variants"]) == 3
         base = 100 + rec.index
-        assert {v.seed for v in res["variants"]} <= {derive_seed(base, v) for v in range(3)}
+        assert {v.seed for v in res["variants"]} <= {derive_seed(base, v) for v in range(3 + 2 * res["duplicates"] + 2)}
     assert decoder.forks >= 4  # variants 1 and 2 of each prompt fork its KV cells
+
+
+def test_independent_variants_that_repeat_are_replaced_by_further_rounds_as_in_expand(monkeypatch):
+    original = batchjobs.run_expand
+    repeating = {derive_seed(base, v) for base in (100, 101) for v in (0, 2, 3)}
+
+    def collapsing(request, seed):  # variants 0, 2 and 3 of each input format to the same line
+        result = yield from original(request, seed)
+        if seed in repeating:
+            result.formatted = "same"
+        return result
+
+    monkeypatch.setattr(batchjobs, "run_expand", collapsing)
+    monkeypatch.setattr(runner, "run_expand", collapsing)
+    lines = ["1girl, solo", "cat, outdoors", "scenery"]
+    done, stats, decoder = run(lines, variants=5, parallel=4)
+    assert sorted(rec.index for rec, _, _ in done) == [0, 1, 2]
+    for rec, res, err in done:
+        assert err is None and len({v.formatted for v in res["variants"]}) == len(res["variants"]) == 5
+        alone = runner.expand_variants(FakeEngine(), build_request(lines[rec.index], **defaults()), 5,
+                                       100 + rec.index, sampler="independent")
+        assert [(v.seed, v.formatted) for v in res["variants"]] == [(v.seed, v.formatted) for v in alone.variants]
+        assert res["duplicates"] == alone.duplicates
+    assert {v.seed for v in done[0][1]["variants"]} >= {derive_seed(100, 5)}  # round 2 started at variant 5
+    assert stats.records == 3 and decoder.live_seqs == 0 and decoder.live_cells == 0
+
+    # A model that keeps repeating itself: rounds stop once one adds nothing.
+    monkeypatch.setattr(batchjobs, "run_expand", lambda request, seed: _constant(original(request, seed)))
+    done, stats, decoder = run(["1girl", "cat"], variants=4, parallel=3)
+    for _, res, err in done:
+        assert err is None and [v.formatted for v in res["variants"]] == ["same"]
+        assert res["duplicates"] == 3 + 4  # round 1: 3 repeats; round 2 (2 * 3 + 2 = 4 jobs -> min(4, 8)) adds none
+    assert decoder.live_seqs == 0
 
 
 def test_batch_variants_from_a_tgts_tree_per_input():
@@ -541,6 +573,18 @@ def test_variants_grouped_per_input(model_path, isolated_home, tmp_path):
     owners = [next(i for i, p in enumerate(lines) if owns(line, p)) for line in out]
     assert owners == sorted(owners) and set(owners) == {0, 1, 2}  # N lines per input, grouped in input order
     assert [owners.count(i) for i in range(3)] == [len(d["variants"]) for d in docs]  # same seeds, same variants
+
+    # Independent variants at TIPO's low default temperature repeat often: each input still gets
+    # N distinct ones, the repeats replaced by later variants (seeds past S + N - 1).
+    src = write_prompts(tmp_path / "in2.txt", ["1girl, solo", "cat ears", "scenery"])
+    proc = kgen_batch(model_path, isolated_home, str(src), "-n", "4", "--sampler", "independent", "--seed", "5",
+                      "--output-format", "jsonl", "--no-timings")
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    for i, d in enumerate(json.loads(line) for line in proc.stdout.decode().splitlines()):
+        lines_out = [v["formatted"] for v in d["variants"]]
+        assert d["index"] == i and len(set(lines_out)) == len(lines_out) == 4
+        seeds = [v["seed"] for v in d["variants"]]
+        assert seeds == sorted(seeds) and (seeds == list(range(5 + i, 9 + i))) == (d["duplicates_removed"] == 0)
 
 
 @pytest.mark.model

@@ -145,8 +145,9 @@ def batch(
     independent the variants of several inputs decode together instead (continuous batching).
 
     Text output: one line per input (a multi-line --format is joined with spaces; a failed input
-    leaves an empty line, its error on stderr); with -n N up to N lines per input, fewer when
-    variants repeat. JSONL: one object per input (index, id or line number, input, seed, result,
+    leaves an empty line, its error on stderr); with -n N, N distinct lines per input (repeats
+    are replaced by further rounds, as in expand; fewer only when the model keeps repeating
+    itself). JSONL: one object per input (index, id or line number, input, seed, result,
     timings) or one with "error". A bad line never stops the batch unless --fail-fast; the exit
     status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
