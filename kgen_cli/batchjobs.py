@@ -228,9 +228,9 @@ class BatchRun:
     uses `derive_seed(seed, v)`, as `kgen expand -n N --sampler independent` does, and the N
     variants' identical first prompts share their KV cells. Variants that format to the same line
     are replaced by further rounds (variants N, N+1, ...; `runner.round_size`) as slots free up,
-    so a record gets N distinct variants when the model has them, as `expand -n N` does. `check()` runs before every decode
-    step and may raise to stop the batch. `records` may yield None while `busy()` ("no input
-    ready yet"): the requests in flight go on decoding.
+    so a record gets N distinct variants when the model has them, as `expand -n N` does.
+    `check()` runs before every decode step and may raise to stop the batch. `records` may yield
+    None while `busy()` ("no input ready yet"): the requests in flight go on decoding.
 
     `sampler="tgts"` with variants > 1: each record's variants come from one TGTS tree
     (`runner.expand_variants`), records one at a time; `group_size` and `exploration` tune it.
