@@ -199,11 +199,13 @@ def expand_variants(
     served together by the token-group tree (`tree.tgts_sample`), with `independent` by N
     sampled sequences forked from the prompt's KV cache (`tree.independent_sample`, variant i
     sampled with the seed its own single expand would use). Later calls (retries, further
-    operations) are batched by the continuous-batching scheduler. Variants whose formatted
-    output repeats an earlier one are removed, and the missing ones are drawn in a further round
-    (jobs n, n+1, ...: new seeds; twice as many as missing, plus 2, the first distinct ones
-    kept; independent samples even after a TGTS round), up to `MAX_ROUNDS` rounds while each
-    adds a variant.
+    operations) are batched by the continuous-batching scheduler. Under TGTS a variant that ends
+    with its first call on a line an earlier one gave is refused inside the tree, which grows
+    another leaf for that job. Variants whose formatted output still repeats an earlier one
+    (after later calls, or past n refusals) are removed, and the missing ones are drawn in a
+    further round (jobs n, n+1, ...: new seeds; twice as many as missing, plus 2, the first
+    distinct ones kept; independent samples even after a TGTS round), up to `MAX_ROUNDS` rounds
+    while each adds a variant.
     When the tree stops short (a model that keeps repeating itself, or the token budget), no
     further round runs: fewer variants come back, and `stop_reason` says why. `check()` runs
     before every decode step and may raise to stop (kgen batch's signals).
@@ -259,7 +261,7 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
 
     per_variant: dict[int, dict] = {}
     tree_json, tokens, stop_reason, tree_dups = None, 0, "complete", 0
-    served: dict[int, Completion] = {}
+    next_request: dict[int, CompletionRequest] = {}  # jobs given their first call's result: what they ask next
     skipped: set[int] = set()  # jobs the tree could not give a distinct first call (see stop_reason)
     if first:
         lead = first[min(first)]
@@ -267,13 +269,40 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
         # does not goes through the scheduler like any later call.
         shared = [i for i in first if first[i].prompt == lead.prompt and first[i].params == lead.params]
         if len(shared) > 1 and sampler in ("tgts", "independent"):
-            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration, check)
+            taken: list[int] = []  # jobs served so far, in `shared` order
+            lines: set[str] = set()  # results of the jobs that ended with their first call
+            refused: list[int] = []
+
+            def serve(completion: Completion) -> bool:
+                """Give the next job in `shared` its first call's result. Under TGTS a job that
+                ends with it on a line another job gave refuses it: the tree goes on to another
+                leaf, and a fresh copy of the job waits for it, so no further round is needed.
+                At most len(shared) refusals (about a round's worth of leaves): a format that
+                shows none of the model's text must not keep the tree searching."""
+                i = shared[len(taken)]
+                try:
+                    next_request[i] = jobs[i].send(completion)
+                except StopIteration as stop:
+                    if sampler == "tgts" and stop.value.formatted in lines and len(refused) < len(shared):
+                        refused.append(i)
+                        jobs[i] = run_expand(request, derive_seed(seed, i))
+                        next(jobs[i])
+                        return False
+                    lines.add(stop.value.formatted)
+                    on_result(i, stop.value, None)
+                except KgenError as exc:  # reported like any job error (as the scheduler does)
+                    on_result(i, None, exc)
+                taken.append(i)
+                return True
+
+            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration, check,
+                               accept=serve if sampler == "tgts" else None)
             prompt_len = out.tree.get("prompt_tokens", 0)
             tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
             stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
             for i, v in zip(shared, out.variants):
-                served[i] = Completion(text=v.text, n_prompt_tokens=prompt_len, n_tokens=len(v.tokens),
-                                       finish_reason="stop" if v.finished else "length")
+                if sampler != "tgts":
+                    serve(_completion(v, prompt_len))
                 per_variant[i] = {"score": round(v.score, 6), "tokens_decoded": v.n_decoded, "depth": v.depth}
             skipped = set(shared[len(out.variants):])
             for i in skipped:
@@ -281,20 +310,8 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
 
     def continue_jobs():
         for i, job in jobs.items():
-            if i in results or i in skipped:
-                continue
-            if i in served:
-                try:
-                    nxt = job.send(served[i])
-                except StopIteration as stop:
-                    on_result(i, stop.value, None)
-                    continue
-                except KgenError as exc:  # reported like any job error (as the scheduler does)
-                    on_result(i, None, exc)
-                    continue
-                yield i, _resume(job, nxt)
-            else:
-                yield i, _resume(job, first[i])
+            if i not in results and i not in skipped:
+                yield i, _resume(job, next_request.get(i, first[i]))
 
     scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx, window=engine.window,
                           parallel=parallel)
@@ -351,11 +368,18 @@ def _branches(engine, check: Callable[[], None] | None):
     return decoder if check is None else _Checked(decoder, check)
 
 
+def _completion(variant, prompt_len: int) -> Completion:
+    """A tree variant as the model call's result its job receives."""
+    return Completion(text=variant.text, n_prompt_tokens=prompt_len, n_tokens=len(variant.tokens),
+                      finish_reason="stop" if variant.finished else "length")
+
+
 def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, accept: Callable[[Completion], bool] | None = None):
     """Serve n identical first model calls at once: one TGTS tree, or n independent samples
     (sample i with seed `derive_seed(request.seed, i)`, the seed job i would use) sharing the
-    prompt's KV cells. Returns the `tree.TreeResult`."""
+    prompt's KV cells. Returns the `tree.TreeResult`. `accept` (TGTS): sees each leaf as a
+    completion first and may refuse it (`tree.tgts_sample`)."""
     from kgen_cli.tree import independent_sample, tgts_sample
 
     prompt = engine.tokenize(request.prompt, add_bos=True)
@@ -365,6 +389,7 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
     decoder = _branches(engine, check)
     if sampler == "tgts":
         return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
-                           exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx)
+                           exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx,
+                           accept=accept and (lambda v: accept(_completion(v, len(prompt)))))
     return independent_sample(decoder, prompt, n, request.params, request.seed, max_tokens=max_tokens,
                               group_size=group_size, max_cells=engine.n_ctx)

@@ -416,13 +416,13 @@ class _TreeSearch:
     def __init__(self, decoder: BranchDecoder, prompt: list[int], n: int, params: SamplingParams,
                  seed: int, group_size: int, exploration: float, max_tokens: int,
                  on_variant: Callable[[Variant], None] | None, max_jobs: int | None,
-                 max_cells: int | None):  # fmt: skip
+                 max_cells: int | None, accept: Callable[[Variant], bool] | None = None):  # fmt: skip
         _check_args(decoder, prompt, n, max_tokens)
         if group_size < 1:
             raise ValueError("group_size must be at least 1")
         self.dec, self.n, self.params, self.seed = decoder, n, params, seed
         self.group_size, self.c, self.max_tokens = group_size, exploration, max_tokens
-        self.on_variant = on_variant
+        self.on_variant, self.accept = on_variant, accept
         self.penalize = params.repeat_penalty != 1.0 and params.penalty_last_n > 0
         self.budget = n * max_tokens * BUDGET_FACTOR
         self.max_growing = decoder.max_branches - 1  # one id stays the prompt anchor
@@ -777,19 +777,22 @@ class _TreeSearch:
             self.duplicate_streak += 1
             return
         self.seen.add(key)
-        self.duplicate_streak = 0
         pieces = [p for n in path for p in n.pieces]
-        n_decoded = sum(n.n_fed for n in path if not n.claimed)
-        for n in path:
-            n.claimed = True
         variant = Variant(
             tokens=tokens,
             text=b"".join(pieces[: len(pieces) - drop_eog]).decode("utf-8", errors="replace"),
             score=sum(n.score for n in path) / len(path),
-            n_decoded=n_decoded,
+            n_decoded=sum(n.n_fed for n in path if not n.claimed),
             depth=leaf.depth,
             finish_reason=leaf.finish or "length",
         )
+        if self.accept is not None and not self.accept(variant):
+            self.counts["duplicates"] += 1  # other tokens, but the caller's same result: a repeat too
+            self.duplicate_streak += 1
+            return
+        self.duplicate_streak = 0
+        for n in path:
+            n.claimed = True
         leaf.variant = len(self.variants)
         self.variants.append(variant)
         if self.on_variant is not None:
@@ -913,6 +916,7 @@ def tgts_sample(
     on_variant: Callable[[Variant], None] | None = None,
     max_jobs: int | None = None,
     max_cells: int | None = None,
+    accept: Callable[[Variant], bool] | None = None,
 ) -> TreeResult:
     """Up to `n` distinct variants by token group tree sampling (PEERS.md §6, module docstring).
 
@@ -921,14 +925,16 @@ def tgts_sample(
     `n * max_tokens * BUDGET_FACTOR` decoded tokens ("budget"); `result.stats["stop_reason"]`
     says which. Every id taken from the decoder is freed before returning.
 
-    `on_variant` is called as each variant is found. `max_jobs` caps the iterations in flight:
-    1 reproduces the reference's one-at-a-time order (about the same tokens, many more steps);
-    None lets selection and the id pool decide. `max_cells` (the context size, `n_ctx`) keeps
+    `accept(variant)`, when given, sees each new leaf before it counts: False makes it a repeat
+    (counted in `stats["duplicates"]`, the search goes on), for outputs that differ in tokens but
+    not in what the caller makes of them. `on_variant` is called as each variant is found.
+    `max_jobs` caps the iterations in flight: 1 reproduces the reference's one-at-a-time order
+    (about the same tokens, many more steps); None lets selection and the id pool decide. `max_cells` (the context size, `n_ctx`) keeps
     the KV cells in use, counting what every growing branch may still add, within the context:
     work waits rather than overflow it. `stats["peak_cells"]` reports the most cells held.
     """
     search = _TreeSearch(decoder, list(prompt_tokens), n, params, seed, group_size, exploration,
-                         max_tokens, on_variant, max_jobs, max_cells)  # fmt: skip
+                         max_tokens, on_variant, max_jobs, max_cells, accept)  # fmt: skip
     return search.run()
 
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,23 @@ def test_variants_repeating_after_formatting_are_replaced_in_a_further_round(mon
     out = runner.expand_variants(FakeEngine(), build_request("1girl", **defaults()), 4, 7, sampler="independent")
     assert [v.formatted for v in out.variants] == ["same"] and out.rounds == 2  # round 2 added nothing: stop
     assert out.to_dict()["totals"]["rounds"] == 2
+
+
+def test_tgts_refuses_leaves_whose_result_repeats_inside_the_tree(monkeypatch):
+    original = runner.run_expand
+
+    def eight_lines(request, seed):  # results fall into 8 lines whatever the text: repeats are common
+        result = yield from original(request, seed)
+        result.formatted = f"line {zlib.crc32(result.calls[0].completion.encode()) % 8}"
+        return result
+
+    monkeypatch.setattr(runner, "run_expand", eight_lines)
+    engine = FakeEngine()
+    out = runner.expand_variants(engine, build_request("1girl", **defaults()), 6, 7, sampler="tgts")
+    assert len({v.formatted for v in out.variants}) == len(out.variants) == 6
+    assert out.rounds == 1 and out.duplicates >= 1  # the tree found the replacements itself
+    assert [v.seed for v in out.variants] == [derive_seed(7, i) for i in range(6)]  # jobs 0-5, in order
+    assert engine.decoder.live_seqs == 0 and not engine.decoder.live_samplers
 
 
 def _constant(job):

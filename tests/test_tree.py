@@ -391,6 +391,29 @@ def test_on_variant_and_tree_json():
     assert len(nodes) == res.stats["nodes"]
 
 
+def test_accept_refuses_leaves_and_the_search_goes_on():
+    found, refused = [], []
+
+    def accept(v):  # the caller keeps only the first tag of a variant: many leaves collide
+        first = v.text.split(",")[0]
+        if first in found:
+            refused.append(v)
+            return False
+        found.append(first)
+        return True
+
+    dec, res = run_tgts(6, model=SHORT, accept=accept)
+    plain = run_tgts(6, model=SHORT)[1]
+    assert len(res.variants) == 6 and [v.text.split(",")[0] for v in res.variants] == found
+    assert refused and not any(r is v for r in refused for v in res.variants)
+    assert res.stats["duplicates"] >= len(refused) and plain.stats["duplicates"] < len(refused)
+    assert_all_released(dec)
+
+    dec, res = run_tgts(4, model=SHORT, accept=lambda v: False)  # never satisfied: ends, never hangs
+    assert res.variants == [] and res.stats["stop_reason"] in ("duplicates", "budget", "exhausted")
+    assert_all_released(dec)
+
+
 def test_decoder_errors_propagate_and_free_the_pool():
     class Failing(FakeDecoder):
         def step(self, feeds):
