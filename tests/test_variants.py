@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kgen_main import run_main
+from kgen_cli.batchio import one_line
 from kgen_cli.pipeline import drive, run_expand
 from kgen_cli.sampling import Completion, derive_seed
 
@@ -66,6 +67,17 @@ def test_tgts_prints_n_distinct_lines_identically_twice(model_path):
     # outputs that format alike are replaced by further rounds: 16 lines, the repeats counted
     assert len(lines) == 16 and totals["rounds"] >= 1
     assert totals["duplicates_removed"] >= 0 if totals["rounds"] == 1 else totals["duplicates_removed"] > 0
+
+
+@model
+def test_a_multi_line_format_gives_one_line_per_variant(model_path):
+    args = ("-n", "4", "--family", "tipo", "--seed", "1", "--max-tokens", "16", "--operation", "None",
+            "--format", "tag-only")
+    code, out, err = variants_run(model_path, *args)
+    assert code == 0, err
+    exact = [v["formatted"] for v in json_run(model_path, *args)["variants"]]
+    assert len(exact) == 4 and any("\n" in f for f in exact)  # the preset spans lines; --json keeps it
+    assert lines_of(out) == [one_line(f) for f in exact]  # joined with spaces, as kgen batch's text output
 
 
 @model

@@ -131,8 +131,10 @@ def expand(
             doc.update(out.to_dict())
             write_result(json.dumps(doc, ensure_ascii=False))
         else:
-            for v in out.variants:
-                write_result(v.formatted)
+            from kgen_cli.batchio import one_line
+
+            for v in out.variants:  # one line each, so that N variants stay N lines (as kgen batch)
+                write_result(one_line(v.formatted))
         if verbose:
             info(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
                  f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s")
