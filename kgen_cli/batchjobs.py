@@ -329,8 +329,10 @@ class BatchRun:
                 yield (rec.index, v), _guarded(run_expand(request, derive_seed(seed, v)))
         while groups:  # the input is done; records still running may need further rounds
             yield from self._top_up_jobs()
+            if groups and not self.busy():  # every job ended, so each record ended or has top-ups
+                raise KgenError(f"internal error: records {sorted(groups)[:5]} have no job left")
             if groups:
-                yield None  # busy: their jobs are decoding (a record with none left has ended)
+                yield None  # their jobs are decoding
 
     def _top_up_jobs(self):
         while self._top_ups:
