@@ -329,10 +329,11 @@ class BatchRun:
                 yield (rec.index, v), _guarded(run_expand(request, derive_seed(seed, v)))
         while groups:  # the input is done; records still running may need further rounds
             yield from self._top_up_jobs()
-            if groups and not self.busy():  # every job ended, so each record ended or has top-ups
+            if not groups:
+                break
+            if not self.busy():  # every job ended, so each record ended or has top-ups
                 raise KgenError(f"internal error: records {sorted(groups)[:5]} have no job left")
-            if groups:
-                yield None  # their jobs are decoding
+            yield None  # their jobs are decoding
 
     def _top_up_jobs(self):
         while self._top_ups:

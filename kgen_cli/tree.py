@@ -929,9 +929,10 @@ def tgts_sample(
     (counted in `stats["duplicates"]`, the search goes on), for outputs that differ in tokens but
     not in what the caller makes of them. `on_variant` is called as each variant is found.
     `max_jobs` caps the iterations in flight: 1 reproduces the reference's one-at-a-time order
-    (about the same tokens, many more steps); None lets selection and the id pool decide. `max_cells` (the context size, `n_ctx`) keeps
-    the KV cells in use, counting what every growing branch may still add, within the context:
-    work waits rather than overflow it. `stats["peak_cells"]` reports the most cells held.
+    (about the same tokens, many more steps); None lets selection and the id pool decide.
+    `max_cells` (the context size, `n_ctx`) keeps the KV cells in use, counting what every
+    growing branch may still add, within the context: work waits rather than overflow it.
+    `stats["peak_cells"]` reports the most cells held.
     """
     search = _TreeSearch(decoder, list(prompt_tokens), n, params, seed, group_size, exploration,
                          max_tokens, on_variant, max_jobs, max_cells, accept)  # fmt: skip
