@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from kgen_cli.errors import UsageError
+from kgen_cli.errors import OutputClosed, UsageError
 from kgen_cli.sampling import SEED_MAX
 
 LEVELS = ("very_short", "short", "long", "very_long")
@@ -328,8 +328,11 @@ class OrderedWriter:
             self.next_index += 1
 
     def _write(self, lines: list[str]) -> None:
-        self.out.write("".join(line + "\n" for line in lines))
-        self.out.flush()
+        try:
+            self.out.write("".join(line + "\n" for line in lines))
+            self.out.flush()
+        except BrokenPipeError:
+            raise OutputClosed() from None
         self.written += 1
 
     def flush_out_of_order(self) -> int:

@@ -20,7 +20,7 @@ from kgen_cli.commands import expand as expand_cmd
 from kgen_cli.commands import info as info_cmd
 from kgen_cli.commands import models as models_cmd
 from kgen_cli.console import debug_enabled, err_console
-from kgen_cli.errors import KgenError
+from kgen_cli.errors import KgenError, OutputClosed
 
 app = typer.Typer(
     name="kgen",
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         _traceback()
         message = str(exc) + (f" ({exc.hint})" if exc.hint else "")
         _fail(_escape(message), exc.exit_code)
-    except BrokenPipeError:
+    except (BrokenPipeError, OutputClosed):
         _quiet_broken_pipe()
     except KeyboardInterrupt:
         _fail("interrupted", 130)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import select
+import stat
 import sys
 
 from rich.console import Console
+
+from kgen_cli.errors import OutputClosed
 
 # Diagnostics, progress and streaming decoration. No colour when stderr is not a terminal.
 err_console = Console(stderr=True, highlight=False)
@@ -37,5 +41,23 @@ def info(text: str) -> None:
 
 def write_result(text: str) -> None:
     """Write one result to stdout, newline-terminated, flushed (pipes see whole lines)."""
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed() from None
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`kgen ... | head -3` once head has
+    its lines). A write would raise BrokenPipeError; checking first lets a long run stop now
+    instead of at its next result. Always False for a file or a terminal."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False

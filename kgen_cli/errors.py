@@ -39,3 +39,8 @@ class EngineError(KgenError):
 
 class StopRequested(Exception):
     """A long run asked to stop (kgen batch: a signal, --fail-fast): never one input's error."""
+
+
+class OutputClosed(Exception):
+    """stdout's reader went away (`kgen ... | head`): the run stops quietly, exit 128 + SIGPIPE.
+    Not an OSError, so that click does not turn it into exit status 1."""

@@ -562,10 +562,10 @@ def test_head_pipe_ends_quietly(model_path, isolated_home, tmp_path):
     src = write_prompts(tmp_path / "in.txt", prompts(40))
     err = tmp_path / "err.txt"
     cmd = " ".join(["cat", str(src), "|", *map(str, batch_argv(model_path, "-", "--parallel", "2")),
-                    "2>", str(err), "|", "head", "-3"])
+                    "2>", str(err), "|", "head", "-3", "; exit ${PIPESTATUS[1]}"])
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, env=env_for(isolated_home), cwd=REPO_ROOT,
                           timeout=240)
-    assert proc.returncode == 0
+    assert proc.returncode == 128 + signal.SIGPIPE  # kgen's own status: as if killed by SIGPIPE, not 1
     out = proc.stdout.decode().splitlines()
     assert len(out) == 3 and all(owns(line, p) for line, p in zip(out, prompts(3)))
     assert err.read_text() == ""  # no BrokenPipeError traceback, no message

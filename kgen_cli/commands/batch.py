@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import typer
 from kgen_cli import options as o
 from kgen_cli.console import err_console, info, stderr_is_tty
 from kgen_cli.errors import KgenError, StopRequested, UsageError
+from kgen_cli.stopping import Interrupted, SignalStop
 
 
 class InputFormat(str, Enum):
@@ -27,68 +27,6 @@ class InputFormat(str, Enum):
 class OutputFormat(str, Enum):
     text = "text"
     jsonl = "jsonl"
-
-
-class Interrupted(StopRequested):
-    """SIGINT/SIGTERM during a batch: stop, write what finished, exit 128 + signal."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.exit_code = 128 + signum
-
-
-class _Stop:
-    """Signal handling that never cuts a write in half.
-
-    The first SIGINT/SIGTERM only sets a flag; the batch stops at its next safe point (before a
-    decode step, see `check`), after every result finished so far has been written. The
-    exception is raised at once when the batch is blocked reading its input (a quiet pipe or a
-    terminal), and on a second signal."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.reading = False
-        self.finishing = False
-
-    def handler(self, signum, _frame) -> None:
-        if self.finishing:
-            return
-        if self.signum is not None or self.reading:
-            self.signum = self.signum or signum
-            raise Interrupted(self.signum)
-        self.signum = signum
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise Interrupted(self.signum)
-
-    def blocking(self, wait):
-        """Run a blocking wait for input (`wait()`) so that a signal interrupts it at once."""
-        self.check()
-        self.reading = True
-        try:
-            return wait()
-        finally:
-            self.reading = False
-
-    def watch(self, stream):
-        """The input's lines, with this stop able to interrupt a blocking read."""
-        it = iter(stream)
-        while True:
-            try:
-                line = self.blocking(lambda: next(it))
-            except StopIteration:
-                return
-            yield line
-
-    @contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def batch(
@@ -202,7 +140,7 @@ def batch(
     out = sys.stdout if output is None else open(output, "a" if resume else "w", encoding="utf-8", newline="\n")
     writer = OrderedWriter(out, skip=done)
     state = _BatchState(fmt, writer, variants, fail_fast, timings)
-    stop = _Stop()
+    stop = SignalStop(watch_stdout=out is sys.stdout)  # `| head`: stop once the reader is gone
     stats = None
     try:
         regular = _is_regular(stream)
