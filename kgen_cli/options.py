@@ -104,7 +104,7 @@ TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, rich_help_pane
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, rich_help_panel=SAMPLING, help="Min-p (0 = off). [default: TIPO 0.1, DTG 0]")]
 RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", min=0.0, rich_help_panel=SAMPLING, help="Repetition penalty over the last 64 tokens (1 = off). [default: TIPO 1.17, DTG 1.0]")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=SAMPLING, help="New tokens per model call. [default: TIPO 512, DTG 256]")]
-VariantsOpt = Annotated[int, typer.Option("--variants", "-n", min=1, max=1024, rich_help_panel=VARIANTS, help="Distinct variants to return, one line each (a multi-line --format is joined with spaces; --json keeps it).")]
+VariantsOpt = Annotated[int, typer.Option("--variants", "-n", min=1, max=1024, rich_help_panel=VARIANTS, help="Distinct variants to return, one line each, printed as each one finishes (a multi-line --format is joined with spaces; --json keeps it).")]
 SamplerOpt = Annotated[
     Optional[SamplerKind],
     typer.Option("--sampler", rich_help_panel=VARIANTS,

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
 
-from kgen_cli.errors import KgenError, UsageError
+from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand
 from kgen_cli.sampling import Completion, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler, prompt_too_long
@@ -191,6 +191,7 @@ def expand_variants(
     exploration: float = 1.0,
     parallel: int | None = None,
     check: Callable[[], None] | None = None,
+    on_variant: Callable[[ExpandResult, dict], None] | None = None,
 ) -> VariantsResult:
     """N distinct variants of one prompt (fewer only when the model cannot give more).
 
@@ -204,42 +205,93 @@ def expand_variants(
     another leaf for that job. Variants whose formatted output still repeats an earlier one
     (after later calls, or past n refusals) are removed, and the missing ones are drawn in a
     further round (jobs n, n+1, ...: new seeds; twice as many as missing, plus 2, the first
-    distinct ones kept; independent samples even after a TGTS round), up to `MAX_ROUNDS` rounds
-    while each adds a variant.
+    distinct ones to end kept, the rest dropped then; independent samples even after a TGTS
+    round), up to `MAX_ROUNDS` rounds while each adds a variant.
     When the tree stops short (a model that keeps repeating itself, or the token budget), no
     further round runs: fewer variants come back, and `stop_reason` says why. `check()` runs
-    before every decode step and may raise to stop (kgen batch's signals).
+    before every decode step and may raise `StopRequested` to stop (signals); the exception then
+    carries the variants final so far as `partial` (a VariantsResult, stop_reason "interrupted").
+
+    Variants are judged in the order their jobs end, so the first of equal lines is kept and
+    the list is in that order. `on_variant(result, figures)` streams: it sees each variant as
+    soon as it is kept, which is final; `figures` is its entry of `per_variant`.
     """
     started = time.perf_counter()
     counters = getattr(engine, "counters", None)
     steps_before = counters.decode_calls if counters else 0
-    kept, seen = [], set()
+    tokens_before = counters.tokens if counters else 0
+    kept: list[tuple[ExpandResult, dict]] = []
+    seen: set[str] = set()
     dups = tokens = rounds = 0
     tree_json, stop_reason, next_job, added = None, "complete", 0, 0
-    while stop_reason == "complete" and (want := round_size(n, len(kept), rounds, added)):
-        # A top-up round is a few variants: independent samples decode them in one pass, where a
-        # new tree would first have to grow (its steps come one segment deep at a time).
-        done = _variants_round(engine, request, range(next_job, next_job + want), seed,
-                               "independent" if rounds else sampler, group_size,
-                               exploration, parallel or max(1, min(n, engine.n_seq_max)), check)
-        next_job, rounds = next_job + want, rounds + 1
-        tokens += done.tokens
-        tree_json = tree_json or done.tree
-        stop_reason = done.stop_reason
-        before = len(kept)
-        dups += done.tree_duplicates + keep_distinct(done.results, lambda r: r[0].formatted, n, seen, kept)
-        added = len(kept) - before
-    variants, extras = [v for v, _ in kept], [e for _, e in kept]
-    return VariantsResult(
-        variants, dups, tokens, time.perf_counter() - started, sampler if n > 1 else "single", tree_json,
-        extras, requested=n, steps=(counters.decode_calls - steps_before) if counters else 0,
-        stop_reason=stop_reason, rounds=rounds,
-    )
+
+    def result(reason: str, tokens: int) -> VariantsResult:
+        return VariantsResult(
+            [v for v, _ in kept], dups, tokens, time.perf_counter() - started, sampler if n > 1 else "single",
+            tree_json, [e for _, e in kept], requested=n, steps=(counters.decode_calls - steps_before) if counters else 0,
+            stop_reason=reason, rounds=rounds,
+        )  # fmt: skip
+
+    try:
+        while stop_reason == "complete" and (want := round_size(n, len(kept), rounds, added)):
+            judge = _Judge(range(next_job, next_job + want), n, seen, kept, on_variant)
+            before, round_start = len(kept), counters.tokens if counters else 0
+            try:
+                # A top-up round is a few variants: independent samples decode them in one pass,
+                # where a new tree would first have to grow (its steps come one segment deep at a time).
+                done = _variants_round(engine, request, judge.job_ids, seed, "independent" if rounds else sampler,
+                                       group_size, exploration, parallel or max(1, min(n, engine.n_seq_max)),
+                                       check, judge.done)  # fmt: skip
+            except _Enough:
+                done = _Round((counters.tokens - round_start) if counters else 0, None, "complete", 0)
+            next_job, rounds = next_job + want, rounds + 1
+            tokens += done.tokens
+            tree_json = tree_json or done.tree
+            stop_reason = done.stop_reason
+            judge.finish()  # a job's error
+            dups += done.tree_duplicates + judge.dropped
+            added = len(kept) - before
+    except StopRequested as stop:
+        rounds += 1  # the one it stopped
+        stop.partial = result("interrupted", (counters.tokens - tokens_before) if counters else tokens)
+        raise
+    return result(stop_reason, tokens)
+
+
+class _Judge:
+    """A round's results judged as they arrive (the tree serves jobs as leaves end, the scheduler
+    as calls end): `keep_distinct` keeps the first of equal lines, so a kept result is final at
+    once and `on_kept` can stream it. Once `n` are kept, the jobs still running are not needed:
+    `_Enough` stops the round."""
+
+    def __init__(self, job_ids: range, n: int, seen: set[str], kept: list, on_kept: Callable | None):
+        self.job_ids, self.n, self.seen, self.kept, self.on_kept = job_ids, n, seen, kept, on_kept
+        self.reported = self.dropped = 0
+        self.error: BaseException | None = None
+
+    def done(self, i: int, value: Any, error: BaseException | None, figures: dict) -> None:
+        self.reported += 1
+        if error is not None:
+            self.error = self.error or error  # raised at finish(); later results still count
+        elif len(self.kept) < self.n:
+            before = len(self.kept)
+            self.dropped += keep_distinct([(value, figures)], lambda r: r[0].formatted, self.n, self.seen, self.kept)
+            if len(self.kept) > before and self.on_kept is not None:
+                self.on_kept(value, figures)
+        if len(self.kept) == self.n and self.reported < len(self.job_ids):
+            raise _Enough()
+
+    def finish(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class _Enough(Exception):
+    """A further round has its variants: the jobs still running are dropped (see _Judge)."""
 
 
 @dataclass
 class _Round:
-    results: list[tuple[ExpandResult, dict]]  # in job order: the result, its per-variant figures
     tokens: int
     tree: dict | None
     stop_reason: str
@@ -247,11 +299,22 @@ class _Round:
 
 
 def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, sampler: str, group_size: int,
-                    exploration: float, parallel: int, check: Callable[[], None] | None) -> _Round:
-    """Run jobs `job_ids` of `expand_variants` (job i with seed `derive_seed(seed, i)`)."""
+                    exploration: float, parallel: int, check: Callable[[], None] | None,
+                    report: Callable[[int, Any, BaseException | None, dict], None]) -> _Round:  # fmt: skip
+    """Run jobs `job_ids` of `expand_variants` (job i with seed `derive_seed(seed, i)`).
+    `report(i, result, error, figures)` is called as each job ends (in any order); jobs the
+    tree could not serve (see stop_reason) are never reported."""
     jobs = {i: run_expand(request, derive_seed(seed, i)) for i in job_ids}
-    results: dict[int, tuple[Any, BaseException | None]] = {}
-    on_result = lambda k, v, e: results.__setitem__(k, (v, e))  # noqa: E731
+    per_variant: dict[int, dict] = {}  # the tree's figures of each job's first call
+    ended: set[int] = set()
+
+    def on_result(i: int, value: Any, error: BaseException | None) -> None:
+        ended.add(i)
+        figures = dict(per_variant.get(i, {}))
+        if figures and value is not None:  # later model calls (scheduler): prompt + decoded tokens
+            figures["tokens_decoded"] += sum(_call_tokens(c) for c in value.calls[1:])
+        report(i, value, error, figures)
+
     first: dict[int, CompletionRequest] = {}
     for i, job in jobs.items():
         try:
@@ -259,7 +322,6 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
         except StopIteration as stop:  # a request that needs no model call
             on_result(i, stop.value, None)
 
-    per_variant: dict[int, dict] = {}
     tree_json, tokens, stop_reason, tree_dups = None, 0, "complete", 0
     next_request: dict[int, CompletionRequest] = {}  # jobs given their first call's result: what they ask next
     skipped: set[int] = set()  # jobs the tree could not give a distinct first call (see stop_reason)
@@ -273,13 +335,15 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
             lines: set[str] = set()  # results of the jobs that ended with their first call
             refused: list[int] = []
 
-            def serve(completion: Completion) -> bool:
+            def serve(variant, completion: Completion) -> bool:
                 """Give the next job in `shared` its first call's result. Under TGTS a job that
                 ends with it on a line another job gave refuses it: the tree goes on to another
                 leaf, and a fresh copy of the job waits for it, so no further round is needed.
                 At most len(shared) refusals (about a round's worth of leaves): a format that
                 shows none of the model's text must not keep the tree searching."""
                 i = shared[len(taken)]
+                per_variant[i] = {"score": round(variant.score, 6), "tokens_decoded": variant.n_decoded,
+                                  "depth": variant.depth}  # fmt: skip
                 try:
                     next_request[i] = jobs[i].send(completion)
                 except StopIteration as stop:
@@ -289,9 +353,13 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
                         next(jobs[i])
                         return False
                     lines.add(stop.value.formatted)
+                    taken.append(i)
                     on_result(i, stop.value, None)
+                    return True
                 except KgenError as exc:  # reported like any job error (as the scheduler does)
+                    taken.append(i)
                     on_result(i, None, exc)
+                    return True
                 taken.append(i)
                 return True
 
@@ -300,36 +368,23 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
             prompt_len = out.tree.get("prompt_tokens", 0)
             tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
             stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
-            for i, v in zip(shared, out.variants):
-                if sampler != "tgts":
-                    serve(_completion(v, prompt_len))
-                per_variant[i] = {"score": round(v.score, 6), "tokens_decoded": v.n_decoded, "depth": v.depth}
+            if sampler != "tgts":
+                for v in out.variants:
+                    serve(v, _completion(v, prompt_len))
             skipped = set(shared[len(out.variants):])
             for i in skipped:
                 jobs[i].close()
 
     def continue_jobs():
         for i, job in jobs.items():
-            if i not in results and i not in skipped:
+            if i not in ended and i not in skipped:
                 yield i, _resume(job, next_request.get(i, first[i]))
 
     scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx, window=engine.window,
                           parallel=parallel)
     scheduler.run(continue_jobs(), on_result)
     tokens += scheduler.stats.tokens_decoded
-
-    done = []
-    for i in job_ids:
-        if i not in results:
-            continue  # not served by the tree (fewer variants; see stop_reason)
-        value, error = results[i]
-        if error is not None:
-            raise error
-        extra = dict(per_variant.get(i, {}))
-        if extra:  # later model calls of this variant (scheduler): prompt + decoded tokens
-            extra["tokens_decoded"] += sum(_call_tokens(c) for c in value.calls[1:])
-        done.append((value, extra))
-    return _Round(done, tokens, tree_json, stop_reason, tree_dups)
+    return _Round(tokens, tree_json, stop_reason, tree_dups)
 
 
 def _call_tokens(call) -> int:
@@ -375,11 +430,11 @@ def _completion(variant, prompt_len: int) -> Completion:
 
 
 def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float,
-                 check: Callable[[], None] | None = None, accept: Callable[[Completion], bool] | None = None):
+                 check: Callable[[], None] | None = None, accept: Callable[[Any, Completion], bool] | None = None):
     """Serve n identical first model calls at once: one TGTS tree, or n independent samples
     (sample i with seed `derive_seed(request.seed, i)`, the seed job i would use) sharing the
-    prompt's KV cells. Returns the `tree.TreeResult`. `accept` (TGTS): sees each leaf as a
-    completion first and may refuse it (`tree.tgts_sample`)."""
+    prompt's KV cells. Returns the `tree.TreeResult`. `accept(variant, completion)` (TGTS): sees
+    each leaf, and the model call's result it makes, first and may refuse it (`tree.tgts_sample`)."""
     from kgen_cli.tree import independent_sample, tgts_sample
 
     prompt = engine.tokenize(request.prompt, add_bos=True)
@@ -390,6 +445,6 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
     if sampler == "tgts":
         return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
                            exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx,
-                           accept=accept and (lambda v: accept(_completion(v, len(prompt)))))
+                           accept=accept and (lambda v: accept(v, _completion(v, len(prompt)))))
     return independent_sample(decoder, prompt, n, request.params, request.seed, max_tokens=max_tokens,
                               group_size=group_size, max_cells=engine.n_ctx)

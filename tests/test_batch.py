@@ -294,6 +294,57 @@ def test_tgts_refuses_leaves_whose_result_repeats_inside_the_tree(monkeypatch):
     assert engine.decoder.live_seqs == 0 and not engine.decoder.live_samplers
 
 
+def test_expand_variants_streams_each_kept_variant_as_soon_as_it_is_final():
+    engine = FakeEngine()
+    streamed = []  # (seed, decode steps so far) at each on_variant call
+    out = runner.expand_variants(engine, build_request("1girl", **defaults()), 6, 7, sampler="tgts",
+                                 on_variant=lambda r, figures: streamed.append((r.seed, engine.decoder.n_steps, figures)))
+    assert [seed for seed, _, _ in streamed] == [v.seed for v in out.variants]  # each once, in the list's order
+    assert [f for _, _, f in streamed] == out.per_variant
+    assert streamed[0][1] < engine.decoder.n_steps  # the first one came out while others still decoded
+
+
+def test_a_further_round_stops_once_it_has_its_variants(monkeypatch):
+    original = runner.run_expand
+    finished = []
+
+    def collapsing(request, seed):  # jobs 0-2 format to the same line: round 2 draws 2 * 2 + 2 = 6 jobs
+        result = yield from original(request, seed)
+        finished.append(seed)
+        if seed in {derive_seed(7, i) for i in range(3)}:
+            result.formatted = "same"
+        return result
+
+    monkeypatch.setattr(runner, "run_expand", collapsing)
+    engine = FakeEngine()
+    out = runner.expand_variants(engine, build_request("1girl", **defaults()), 5, 7, sampler="independent")
+    assert len({v.formatted for v in out.variants}) == len(out.variants) == 5 and out.rounds == 2
+    second = [s for s in finished if s in {derive_seed(7, i) for i in range(5, 11)}]
+    assert len(second) < 6  # the round-2 jobs still running once 2 were kept were dropped
+    assert engine.decoder.live_seqs == 0 and not engine.decoder.live_samplers
+
+
+def test_an_interrupted_expand_variants_carries_what_it_kept():
+    class Stop(StopRequested):
+        pass
+
+    engine = FakeEngine()
+    streamed = []
+
+    def check():
+        if engine.decoder.n_steps >= 30:  # variants come out at steps 24, 36 and 48 of this run
+            raise Stop()
+
+    with pytest.raises(Stop) as info:
+        runner.expand_variants(engine, build_request("1girl", **defaults()), 12, 7, sampler="tgts", check=check,
+                               on_variant=lambda r, _f: streamed.append(r.seed))
+    partial = info.value.partial
+    assert [v.seed for v in partial.variants] == streamed and 0 < len(streamed) < 12
+    totals = partial.to_dict()["totals"]
+    assert totals["stop_reason"] == "interrupted" and totals["rounds"] == 1
+    assert engine.decoder.live_seqs == 0 and not engine.decoder.live_samplers
+
+
 def _constant(job):
     result = yield from job
     result.formatted = "same"

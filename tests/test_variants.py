@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from kgen_cli.pipeline import drive, run_expand
 from kgen_cli.sampling import Completion, derive_seed
 
 PROMPT = "1girl, dragon horns"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 FAST = ("--threads", "1", "--retries", "0")
 
 model = pytest.mark.model
@@ -163,6 +166,72 @@ def test_independent_sampler_and_both_families(model_path, family):
             assert v["calls"][0]["seed"] == v["seed"]  # the seed its single expand would use
         if sampler == "independent":  # every sample is returned, repeats are removed after formatting
             assert totals["variants"] + totals["duplicates_removed"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming: each line as soon as its variant is final; signals and `| head` keep what is out
+
+# Retry chains of different lengths end the variants seconds apart (the last ~3 s after the first)
+SPREAD = ("-n", "6", "--family", "tipo", "--seed", "3", "--max-tokens", "16", "--retries", "3", "--threads", "1")
+
+
+def start_expand(model_path: Path, home: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("KGEN_DEBUG", "KGEN_MODEL")}
+    env.update(KGEN_HOME=str(home), HF_HUB_CACHE=str(home / "hf-cache"), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-m", "kgen_cli", "expand", PROMPT, "--model", str(model_path), *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=REPO_ROOT)  # fmt: skip
+
+
+@model
+def test_sigint_after_the_first_variant_keeps_the_lines_printed(model_path, isolated_home):
+    proc = start_expand(model_path, isolated_home, *SPREAD)
+    first = proc.stdout.readline()  # printed as soon as that variant was final, not at the end
+    assert first.endswith(b"\n") and proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    rest, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    lines = (first + rest).decode().splitlines()
+    assert 1 <= len(lines) < 6 and len(set(lines)) == len(lines) and (first + rest).endswith(b"\n")
+    assert f"interrupted: {len(lines)} of 6 variants written" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
+@model
+def test_a_closed_pipe_ends_the_run_quietly(model_path, isolated_home):
+    """`kgen expand -n 6 ... | head -1`: once the reader is gone, the next decode step stops."""
+    proc = start_expand(model_path, isolated_home, *SPREAD)
+    assert proc.stdout.readline().endswith(b"\n")
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, stderr[-2000:]
+    assert "Error" not in stderr and "Traceback" not in stderr
+
+
+@model
+def test_sigterm_with_json_writes_the_variants_so_far(model_path, monkeypatch):
+    """The document after a signal: what was final, stop_reason 'interrupted', exit 143. The
+    signal is simulated before the 111th step() (SignalStop.check runs before each one);
+    the first variant of this run is final at step 96, the others from step 120 on."""
+    from kgen_cli.stopping import Interrupted, SignalStop
+
+    steps = iter(range(10**6))
+    real_check = SignalStop.check
+
+    def check(self):
+        if next(steps) == 110:
+            raise Interrupted(signal.SIGTERM)
+        real_check(self)
+
+    monkeypatch.setattr(SignalStop, "check", check)
+    code, out, err = run_main("expand", PROMPT, "--model", str(model_path), *SPREAD, "--json")
+    assert code == 128 + signal.SIGTERM, err
+    doc = json.loads(out)
+    totals = doc["totals"]
+    assert totals["stop_reason"] == "interrupted" and 1 <= totals["variants"] == len(doc["variants"]) < 6
+    assert totals["tokens_decoded"] > 0 and totals["decode_steps"] == 111  # the prompt's decode + 110 steps
+    assert f"interrupted: {len(doc['variants'])} of 6 variants written" in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,24 +122,42 @@ def expand(
             if verbose:
                 _report_timings(result, load_seconds, wall)
             return
-        out = runner.expand_variants(engine, request, variants, seed, sampler=kind, group_size=group_size,
-                                     exploration=exploration)
-        if tree_out is not None and out.tree is not None:
+        out, interrupted = _variants(engine, request, variants, seed, kind, group_size, exploration, json_)
+        if tree_out is not None and out is not None and out.tree is not None:
             tree_out.write_text(json.dumps(out.tree, ensure_ascii=False))
-        if json_:
+        if json_ and out is not None:
             doc = _common_json(text, request, resolved, engine, seed, load_seconds)
             doc.update(out.to_dict())
             write_result(json.dumps(doc, ensure_ascii=False))
-        else:
-            from kgen_cli.batchio import one_line
-
-            for v in out.variants:  # one line each, so that N variants stay N lines (as kgen batch)
-                write_result(one_line(v.formatted))
+        if interrupted is not None:
+            got = "" if out is None else f": {len(out.variants)} of {variants} variants written"
+            info(f"interrupted{got}")
+            raise typer.Exit(interrupted.exit_code)
         if verbose:
             info(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
                  f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s")
     finally:
         engine.close()
+
+
+def _variants(engine, request, n: int, seed: int, sampler: str, group_size: int, exploration: float, json_: bool):
+    """Run `expand_variants`; in text mode each variant is printed as soon as it is final (one
+    line each, so that N variants stay N lines, as in kgen batch), so that `| head` ends the run
+    early and a signal keeps what was printed. Returns (result, Interrupted or None): after
+    SIGINT/SIGTERM the result holds the variants finished so far (None after a second signal)."""
+    from kgen_cli.batchio import one_line
+    from kgen_cli.runner import expand_variants
+    from kgen_cli.stopping import Interrupted, SignalStop
+
+    show = None if json_ else (lambda result, _figures: write_result(one_line(result.formatted)))
+    stop = SignalStop(watch_stdout=True)
+    try:
+        with stop.installed():
+            out = expand_variants(engine, request, n, seed, sampler=sampler, group_size=group_size,
+                                  exploration=exploration, check=stop.check, on_variant=show)
+    except Interrupted as exc:
+        return getattr(exc, "partial", None), exc
+    return out, None
 
 
 def build_request(text: str, *, nl: str, family: str, quality_line: bool, tag_length, nl_length, operation,
