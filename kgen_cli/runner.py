@@ -336,12 +336,13 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
             refused: list[int] = []
 
             def serve(variant, completion: Completion) -> bool:
-                """Give the next job in `shared` its first call's result. Under TGTS a job that
-                ends with it on a line another job gave refuses it: the tree goes on to another
-                leaf, and a fresh copy of the job waits for it, so no further round is needed.
-                At most len(shared) refusals (about a round's worth of leaves): a format that
-                shows none of the model's text must not keep the tree searching."""
-                i = shared[len(taken)]
+                """Give a job in `shared` its first call's result: sample i to job i (its seed),
+                a tree leaf to the next job. Under TGTS a job that ends with it on a line another
+                job gave refuses it: the tree goes on to another leaf, and a fresh copy of the
+                job waits for it, so no further round is needed. At most len(shared) refusals
+                (about a round's worth of leaves): a format that shows none of the model's text
+                must not keep the tree searching."""
+                i = shared[len(taken) if sampler == "tgts" else variant.index]
                 per_variant[i] = {"score": round(variant.score, 6), "tokens_decoded": variant.n_decoded,
                                   "depth": variant.depth}  # fmt: skip
                 try:
@@ -363,14 +364,10 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
                 taken.append(i)
                 return True
 
-            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration, check,
-                               accept=serve if sampler == "tgts" else None)
+            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration, check, serve)
             prompt_len = out.tree.get("prompt_tokens", 0)
             tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
             stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
-            if sampler != "tgts":
-                for v in out.variants:
-                    serve(v, _completion(v, prompt_len))
             skipped = set(shared[len(out.variants):])
             for i in skipped:
                 jobs[i].close()
@@ -430,11 +427,12 @@ def _completion(variant, prompt_len: int) -> Completion:
 
 
 def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float,
-                 check: Callable[[], None] | None = None, accept: Callable[[Any, Completion], bool] | None = None):
+                 check: Callable[[], None] | None, serve: Callable[[Any, Completion], bool]):
     """Serve n identical first model calls at once: one TGTS tree, or n independent samples
     (sample i with seed `derive_seed(request.seed, i)`, the seed job i would use) sharing the
-    prompt's KV cells. Returns the `tree.TreeResult`. `accept(variant, completion)` (TGTS): sees
-    each leaf, and the model call's result it makes, first and may refuse it (`tree.tgts_sample`)."""
+    prompt's KV cells. Returns the `tree.TreeResult`. `serve(variant, completion)` sees each
+    variant as it ends, with the model call's result it makes; under TGTS it may refuse it
+    (`tree.tgts_sample`'s accept)."""
     from kgen_cli.tree import independent_sample, tgts_sample
 
     prompt = engine.tokenize(request.prompt, add_bos=True)
@@ -445,6 +443,7 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
     if sampler == "tgts":
         return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
                            exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx,
-                           accept=accept and (lambda v: accept(v, _completion(v, len(prompt)))))
+                           accept=lambda v: serve(v, _completion(v, len(prompt))))
     return independent_sample(decoder, prompt, n, request.params, request.seed, max_tokens=max_tokens,
-                              group_size=group_size, max_cells=engine.n_ctx)
+                              group_size=group_size, max_cells=engine.n_ctx,
+                              on_variant=lambda v: serve(v, _completion(v, len(prompt))))

@@ -151,6 +151,7 @@ class Variant:
     n_decoded: int  # tokens decoded for it that no earlier variant had paid for
     depth: int  # segments from the prompt to the leaf
     finish_reason: str = "stop"  # "stop" (EOG) or "length" (max_tokens)
+    index: int = 0  # TGTS: the order it was found in; independent: sample i (seed derive_seed(seed, i))
 
     @property
     def finished(self) -> bool:
@@ -793,7 +794,7 @@ class _TreeSearch:
         self.duplicate_streak = 0
         for n in path:
             n.claimed = True
-        leaf.variant = len(self.variants)
+        leaf.variant = variant.index = len(self.variants)
         self.variants.append(variant)
         if self.on_variant is not None:
             self.on_variant(variant)
@@ -983,6 +984,7 @@ class _Lane:
             n_decoded=self.fed,
             depth=len(self.scores),
             finish_reason="stop" if self.eog else "length",
+            index=self.index,
         )
 
 
@@ -1004,7 +1006,8 @@ def independent_sample(
     prompt's last token, which it re-feeds for fresh logits). All running variants advance in one
     step() per token; beyond `max_branches - 1` of them, a finished variant's id is refilled with
     the next one. Variants are returned in index order, duplicates included; `on_variant` is
-    called in completion order. With `max_cells` (the context size), no more variants run at
+    called in completion order (`variant.index` says which), and may raise to stop early: every
+    running variant is dropped and its id freed. With `max_cells` (the context size), no more variants run at
     once than the context holds at full length: prompt + running * max_tokens <= max_cells.
     """
     prompt = list(prompt_tokens)
