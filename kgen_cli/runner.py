@@ -234,17 +234,14 @@ def expand_variants(
 
     try:
         while stop_reason == "complete" and (want := round_size(n, len(kept), rounds, added)):
-            judge = _Judge(range(next_job, next_job + want), n, seen, kept, on_variant)
-            before, round_start = len(kept), counters.tokens if counters else 0
-            try:
-                # A top-up round is a few variants: independent samples decode them in one pass,
-                # where a new tree would first have to grow (its steps come one segment deep at a time).
-                done = _variants_round(engine, request, judge.job_ids, seed, "independent" if rounds else sampler,
-                                       group_size, exploration, parallel or max(1, min(n, engine.n_seq_max)),
-                                       check, judge.done)  # fmt: skip
-            except _Enough:
-                done = _Round((counters.tokens - round_start) if counters else 0, None, "complete", 0)
-            next_job, rounds = next_job + want, rounds + 1
+            judge = _Judge(n, seen, kept, on_variant)
+            before = len(kept)
+            # A top-up round is a few variants: independent samples decode them in one pass, where a
+            # new tree would first have to grow (its steps come one segment deep at a time).
+            done = _variants_round(engine, request, range(next_job, next_job + want), seed,
+                                   "independent" if rounds else sampler, group_size, exploration,
+                                   parallel or max(1, min(n, engine.n_seq_max)), check, judge.done)  # fmt: skip
+            next_job, rounds = done.next_job, rounds + 1
             tokens += done.tokens
             tree_json = tree_json or done.tree
             stop_reason = done.stop_reason
@@ -261,16 +258,14 @@ def expand_variants(
 class _Judge:
     """A round's results judged as they arrive (the tree serves jobs as leaves end, the scheduler
     as calls end): `keep_distinct` keeps the first of equal lines, so a kept result is final at
-    once and `on_kept` can stream it. Once `n` are kept, the jobs still running are not needed:
-    `_Enough` stops the round."""
+    once and `on_kept` can stream it. `done` returns True once `n` are kept."""
 
-    def __init__(self, job_ids: range, n: int, seen: set[str], kept: list, on_kept: Callable | None):
-        self.job_ids, self.n, self.seen, self.kept, self.on_kept = job_ids, n, seen, kept, on_kept
-        self.reported = self.dropped = 0
+    def __init__(self, n: int, seen: set[str], kept: list, on_kept: Callable | None):
+        self.n, self.seen, self.kept, self.on_kept = n, seen, kept, on_kept
+        self.dropped = 0
         self.error: BaseException | None = None
 
-    def done(self, i: int, value: Any, error: BaseException | None, figures: dict) -> None:
-        self.reported += 1
+    def done(self, value: Any, error: BaseException | None, figures: dict) -> bool:
         if error is not None:
             self.error = self.error or error  # raised at finish(); later results still count
         elif len(self.kept) < self.n:
@@ -278,8 +273,7 @@ class _Judge:
             self.dropped += keep_distinct([(value, figures)], lambda r: r[0].formatted, self.n, self.seen, self.kept)
             if len(self.kept) > before and self.on_kept is not None:
                 self.on_kept(value, figures)
-        if len(self.kept) == self.n and self.reported < len(self.job_ids):
-            raise _Enough()
+        return len(self.kept) == self.n
 
     def finish(self) -> None:
         if self.error is not None:
@@ -287,7 +281,7 @@ class _Judge:
 
 
 class _Enough(Exception):
-    """A further round has its variants: the jobs still running are dropped (see _Judge)."""
+    """The round has the variants it was for: the jobs still running are dropped."""
 
 
 @dataclass
@@ -296,62 +290,84 @@ class _Round:
     tree: dict | None
     stop_reason: str
     tree_duplicates: int
+    next_job: int  # the first job id it did not use
 
 
 def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, sampler: str, group_size: int,
                     exploration: float, parallel: int, check: Callable[[], None] | None,
-                    report: Callable[[int, Any, BaseException | None, dict], None]) -> _Round:  # fmt: skip
+                    report: Callable[[Any, BaseException | None, dict], bool]) -> _Round:  # fmt: skip
     """Run jobs `job_ids` of `expand_variants` (job i with seed `derive_seed(seed, i)`).
-    `report(i, result, error, figures)` is called as each job ends (in any order); jobs the
-    tree could not serve (see stop_reason) are never reported."""
+
+    `report(result, error, figures)` is called as each job ends, in any order; True means
+    enough, and the jobs still running are dropped. Jobs the tree could not serve (see
+    stop_reason) are never reported. A job that ends with its first call on a line an earlier
+    one gave is refused there (see `serve`): under TGTS a fresh copy of it waits for another
+    leaf; an independent sample is replaced by the next job's (ids from job_ids.stop on)."""
     jobs = {i: run_expand(request, derive_seed(seed, i)) for i in job_ids}
-    per_variant: dict[int, dict] = {}  # the tree's figures of each job's first call
+    per_variant: dict[int, dict] = {}  # the first call's figures of each job (score, tokens, depth)
     ended: set[int] = set()
+    skipped: set[int] = set()  # jobs the tree could not give a distinct first call (see stop_reason)
+    last_id = job_ids.stop - 1
+    counters = getattr(engine, "counters", None)
+    tokens_before = counters.tokens if counters else 0
 
     def on_result(i: int, value: Any, error: BaseException | None) -> None:
         ended.add(i)
         figures = dict(per_variant.get(i, {}))
         if figures and value is not None:  # later model calls (scheduler): prompt + decoded tokens
             figures["tokens_decoded"] += sum(_call_tokens(c) for c in value.calls[1:])
-        report(i, value, error, figures)
+        if report(value, error, figures) and any(j not in ended and j not in skipped for j in jobs):
+            raise _Enough()
 
     first: dict[int, CompletionRequest] = {}
-    for i, job in jobs.items():
-        try:
-            first[i] = next(job)
-        except StopIteration as stop:  # a request that needs no model call
-            on_result(i, stop.value, None)
-
-    tree_json, tokens, stop_reason, tree_dups = None, 0, "complete", 0
     next_request: dict[int, CompletionRequest] = {}  # jobs given their first call's result: what they ask next
-    skipped: set[int] = set()  # jobs the tree could not give a distinct first call (see stop_reason)
-    if first:
-        lead = first[min(first)]
+    tree_json, tokens, stop_reason, tree_dups = None, 0, "complete", 0
+    try:
+        for i, job in list(jobs.items()):
+            try:
+                first[i] = next(job)
+            except StopIteration as stop:  # a request that needs no model call
+                on_result(i, stop.value, None)
+        lead = first[min(first)] if first else None
         # Every job asks the same first call (the prompt does not depend on the seed); one that
         # does not goes through the scheduler like any later call.
-        shared = [i for i in first if first[i].prompt == lead.prompt and first[i].params == lead.params]
+        shared = [i for i in first if first[i].prompt == lead.prompt and first[i].params == lead.params] if lead else []
         if len(shared) > 1 and sampler in ("tgts", "independent"):
             taken: list[int] = []  # jobs served so far, in `shared` order
             lines: set[str] = set()  # results of the jobs that ended with their first call
             refused: list[int] = []
+            # Sample k is job job_ids.start + k (its seed), for replacements too: only when the
+            # jobs are exactly job_ids, so that their ids go on from job_ids.stop.
+            can_replace = sampler == "tgts" or shared == list(job_ids)
 
             def serve(variant, completion: Completion) -> bool:
-                """Give a job in `shared` its first call's result: sample i to job i (its seed),
-                a tree leaf to the next job. Under TGTS a job that ends with it on a line another
-                job gave refuses it: the tree goes on to another leaf, and a fresh copy of the
-                job waits for it, so no further round is needed. At most len(shared) refusals
-                (about a round's worth of leaves): a format that shows none of the model's text
-                must not keep the tree searching."""
-                i = shared[len(taken) if sampler == "tgts" else variant.index]
+                """Give a job its first call's result: the next job in `shared` a tree leaf, job
+                i sample i. A job that ends with it on a line another job gave refuses it (at
+                most len(shared) times, about a round's worth: a format that shows none of the
+                model's text must not keep the sampler searching): under TGTS the tree grows
+                another leaf and a fresh copy of the job waits for it; an independent sample
+                is spent, and the sampler starts the next one for the next job id."""
+                nonlocal last_id
+                if sampler == "tgts":
+                    i = shared[len(taken)]
+                elif variant.index < len(shared):
+                    i = shared[variant.index]
+                else:
+                    i = last_id = job_ids.start + variant.index
+                    jobs[i] = run_expand(request, derive_seed(seed, i))
+                    first[i] = next(jobs[i])
                 per_variant[i] = {"score": round(variant.score, 6), "tokens_decoded": variant.n_decoded,
                                   "depth": variant.depth}  # fmt: skip
                 try:
                     next_request[i] = jobs[i].send(completion)
                 except StopIteration as stop:
-                    if sampler == "tgts" and stop.value.formatted in lines and len(refused) < len(shared):
+                    if can_replace and stop.value.formatted in lines and len(refused) < len(shared):
                         refused.append(i)
-                        jobs[i] = run_expand(request, derive_seed(seed, i))
-                        next(jobs[i])
+                        if sampler == "tgts":
+                            jobs[i] = run_expand(request, derive_seed(seed, i))
+                            next(jobs[i])
+                        else:
+                            del jobs[i]
                         return False
                     lines.add(stop.value.formatted)
                     taken.append(i)
@@ -368,20 +384,26 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
             prompt_len = out.tree.get("prompt_tokens", 0)
             tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
             stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
-            skipped = set(shared[len(out.variants):])
-            for i in skipped:
-                jobs[i].close()
+            if sampler == "tgts":
+                skipped = set(shared[len(out.variants):])
+                for i in skipped:
+                    jobs[i].close()
 
-    def continue_jobs():
-        for i, job in jobs.items():
-            if i not in ended and i not in skipped:
-                yield i, _resume(job, next_request.get(i, first[i]))
+        def continue_jobs():
+            for i, job in list(jobs.items()):
+                if i not in ended and i not in skipped:
+                    yield i, _resume(job, next_request.get(i, first[i]))
 
-    scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx, window=engine.window,
-                          parallel=parallel)
-    scheduler.run(continue_jobs(), on_result)
-    tokens += scheduler.stats.tokens_decoded
-    return _Round(tokens, tree_json, stop_reason, tree_dups)
+        scheduler = Scheduler(_branches(engine, check), tokenizer(engine), n_ctx=engine.n_ctx,
+                              window=engine.window, parallel=parallel)
+        try:
+            scheduler.run(continue_jobs(), on_result)
+        finally:
+            tokens += scheduler.stats.tokens_decoded
+    except _Enough:
+        if counters:
+            tokens = counters.tokens - tokens_before
+    return _Round(tokens, tree_json, stop_reason, tree_dups, last_id + 1)
 
 
 def _call_tokens(call) -> int:
@@ -446,4 +468,4 @@ def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group
                            accept=lambda v: serve(v, _completion(v, len(prompt))))
     return independent_sample(decoder, prompt, n, request.params, request.seed, max_tokens=max_tokens,
                               group_size=group_size, max_cells=engine.n_ctx,
-                              on_variant=lambda v: serve(v, _completion(v, len(prompt))))
+                              accept=lambda v: serve(v, _completion(v, len(prompt))))

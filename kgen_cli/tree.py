@@ -999,16 +999,22 @@ def independent_sample(
     group_size: int = DEFAULT_GROUP_SIZE,
     on_variant: Callable[[Variant], None] | None = None,
     max_cells: int | None = None,
+    accept: Callable[[Variant], bool] | None = None,
 ) -> TreeResult:
     """`n` independent samples (seed `derive_seed(seed, i)` for variant i) sharing the prompt's KV.
 
     The prompt is decoded once on an anchor sequence; each variant forks it (keeping all but the
     prompt's last token, which it re-feeds for fresh logits). All running variants advance in one
     step() per token; beyond `max_branches - 1` of them, a finished variant's id is refilled with
-    the next one. Variants are returned in index order, duplicates included; `on_variant` is
-    called in completion order (`variant.index` says which), and may raise to stop early: every
-    running variant is dropped and its id freed. With `max_cells` (the context size), no more variants run at
-    once than the context holds at full length: prompt + running * max_tokens <= max_cells.
+    the next one. With `max_cells` (the context size), no more variants run at once than the
+    context holds at full length: prompt + running * max_tokens <= max_cells.
+
+    Variants are returned in index order, duplicates included. `accept(variant)`, when given,
+    sees each one as it ends (`variant.index` says which) and may refuse it (a repeat of what
+    the caller has): it is not returned, and sample n, n + 1, ... (seed `derive_seed(seed, i)`)
+    starts in its place, in the same batch, at most n of them (`stats["duplicates"]` counts the
+    refusals). `on_variant` is called for each accepted variant, in completion order. Either may
+    raise to stop early: every running sample is dropped and its id freed.
     """
     prompt = list(prompt_tokens)
     _check_args(decoder, prompt, n, max_tokens)
@@ -1019,11 +1025,12 @@ def independent_sample(
             raise _context_too_small(max_cells, len(prompt), max_tokens)
     anchor = decoder.start(prompt)
     lanes: dict[int, _Lane] = {}  # seq -> running variant
-    done: list[Variant | None] = [None] * n
-    started = n_steps = total = 0
+    done: dict[int, Variant] = {}
+    started = n_steps = total = refused = 0
+    target = n  # samples to start: n, plus one per refusal
     try:
-        while started < n or lanes:
-            started = _refill(decoder, anchor, prompt, lanes, started, n, width, params, seed)
+        while started < target or lanes:
+            started = _refill(decoder, anchor, prompt, lanes, started, target, width, params, seed)
             decoder.step({seq: lane.feed for seq, lane in lanes.items()})
             n_steps += 1
             for seq, lane in list(lanes.items()):
@@ -1033,7 +1040,12 @@ def independent_sample(
                     del lanes[seq]
                     lane.sampler.free()
                     decoder.free(seq)
-                    done[lane.index] = variant = lane.variant()
+                    variant = lane.variant()
+                    if accept is not None and not accept(variant):
+                        refused += 1
+                        target += refused <= n
+                        continue
+                    done[lane.index] = variant
                     if on_variant is not None:
                         on_variant(variant)
     except BaseException:
@@ -1043,9 +1055,9 @@ def independent_sample(
         _quietly(lambda: decoder.free(anchor), True)
         raise
     decoder.free(anchor)
-    variants = [v for v in done if v is not None]
+    variants = [done[i] for i in sorted(done)]
     tree = _star_json(variants, len(prompt))
-    return TreeResult(variants, total, n_steps, tree, {"stop_reason": "complete"})
+    return TreeResult(variants, total, n_steps, tree, {"stop_reason": "complete", "duplicates": refused})
 
 
 def _refill(decoder: BranchDecoder, anchor: int, prompt: list[int], lanes: dict[int, _Lane],

@@ -304,11 +304,11 @@ def test_expand_variants_streams_each_kept_variant_as_soon_as_it_is_final():
     assert streamed[0][1] < engine.decoder.n_steps  # the first one came out while others still decoded
 
 
-def test_a_further_round_stops_once_it_has_its_variants(monkeypatch):
+def test_independent_samples_that_repeat_are_replaced_in_the_same_batch(monkeypatch):
     original = runner.run_expand
     finished = []
 
-    def collapsing(request, seed):  # jobs 0-2 format to the same line: round 2 draws 2 * 2 + 2 = 6 jobs
+    def collapsing(request, seed):  # jobs 0-2 format to the same line
         result = yield from original(request, seed)
         finished.append(seed)
         if seed in {derive_seed(7, i) for i in range(3)}:
@@ -318,9 +318,30 @@ def test_a_further_round_stops_once_it_has_its_variants(monkeypatch):
     monkeypatch.setattr(runner, "run_expand", collapsing)
     engine = FakeEngine()
     out = runner.expand_variants(engine, build_request("1girl", **defaults()), 5, 7, sampler="independent")
+    assert len({v.formatted for v in out.variants}) == len(out.variants) == 5
+    assert out.rounds == 1 and out.duplicates == 2  # samples 5 and 6 took the places of two repeats
+    assert {v.seed for v in out.variants} == {derive_seed(7, i) for i in (0, 3, 4, 5, 6)}
+    assert engine.decoder.live_seqs == 0 and not engine.decoder.live_samplers
+
+
+def test_a_further_round_stops_once_it_has_its_variants(monkeypatch):
+    original = runner.run_expand
+    finished = []
+
+    def collapsing(request, seed):  # jobs 0-2 format to the same line after their 2nd call
+        result = yield from original(request, seed)
+        finished.append(seed)
+        if seed in {derive_seed(7, i) for i in range(3)}:
+            result.formatted = "same"
+        return result
+
+    monkeypatch.setattr(runner, "run_expand", collapsing)
+    engine = FakeEngine()
+    request = build_request("1girl", **defaults(format_="oneline"))  # TIPO's 2 calls: no variant ends with its 1st
+    out = runner.expand_variants(engine, request, 5, 7, sampler="independent")
     assert len({v.formatted for v in out.variants}) == len(out.variants) == 5 and out.rounds == 2
     second = [s for s in finished if s in {derive_seed(7, i) for i in range(5, 11)}]
-    assert len(second) < 6  # the round-2 jobs still running once 2 were kept were dropped
+    assert len(second) < 6  # round 2 drew 6 jobs; those still running once 2 were kept were dropped
     assert engine.decoder.live_seqs == 0 and not engine.decoder.live_samplers
 
 

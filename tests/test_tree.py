@@ -482,6 +482,34 @@ def test_independent_json_and_callback():
     assert doc["sampler"] == "independent" and len(doc["nodes"]) == 6
 
 
+def test_independent_accept_replaces_refused_samples_in_the_same_batch():
+    plain = independent_sample(FakeDecoder(64), PROMPT, 12, TREE_DEFAULTS, 4)
+    seen_first, refused = set(), []
+
+    def accept(v):  # the caller keeps only the first word of a variant: samples collide
+        first = v.text.split()[0]
+        if first in seen_first:
+            refused.append(v.index)
+            return False
+        seen_first.add(first)
+        return True
+
+    dec = FakeDecoder(64)
+    res = independent_sample(dec, PROMPT, 6, TREE_DEFAULTS, 4, accept=accept)
+    assert refused and res.stats["duplicates"] == len(refused)
+    assert len(res.variants) == 6 and len({v.text.split()[0] for v in res.variants}) == 6
+    assert [v.index for v in res.variants] == sorted(set(range(6 + len(refused))) - set(refused))
+    by_index = {v.index: v.tokens for v in plain.variants}  # sample i has seed derive_seed(4, i), always
+    assert all(v.tokens == by_index[v.index] for v in res.variants)
+    assert res.n_steps < 2 * max(len(v.tokens) + 1 for v in res.variants)  # one batch, not a second pass
+    assert_all_released(dec)
+
+    dec = FakeDecoder(64)
+    res = independent_sample(dec, PROMPT, 4, TREE_DEFAULTS, 4, accept=lambda v: False)  # never satisfied
+    assert res.variants == [] and res.stats["duplicates"] == 8  # 4 samples + at most 4 replacements
+    assert_all_released(dec)
+
+
 # ---------------------------------------------------------------- the fake keeps everyone honest
 
 
