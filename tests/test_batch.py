@@ -304,18 +304,25 @@ def test_expand_variants_streams_each_kept_variant_as_soon_as_it_is_final():
     assert streamed[0][1] < engine.decoder.n_steps  # the first one came out while others still decoded
 
 
-def test_independent_samples_that_repeat_are_replaced_in_the_same_batch(monkeypatch):
-    original = runner.run_expand
-    finished = []
+def collapse_jobs(monkeypatch, jobs: range, base: int = 7) -> list[int]:
+    """Make the jobs `jobs` of expand_variants (seed base + i) format to the same line; returns
+    the seeds of the jobs that ended, in the order they ended."""
+    original, finished = runner.run_expand, []
+    same = {derive_seed(base, i) for i in jobs}
 
-    def collapsing(request, seed):  # jobs 0-2 format to the same line
+    def collapsing(request, seed):
         result = yield from original(request, seed)
         finished.append(seed)
-        if seed in {derive_seed(7, i) for i in range(3)}:
+        if seed in same:
             result.formatted = "same"
         return result
 
     monkeypatch.setattr(runner, "run_expand", collapsing)
+    return finished
+
+
+def test_independent_samples_that_repeat_are_replaced_in_the_same_batch(monkeypatch):
+    collapse_jobs(monkeypatch, range(3))
     engine = FakeEngine()
     out = runner.expand_variants(engine, build_request("1girl", **defaults()), 5, 7, sampler="independent")
     assert len({v.formatted for v in out.variants}) == len(out.variants) == 5
@@ -325,17 +332,7 @@ def test_independent_samples_that_repeat_are_replaced_in_the_same_batch(monkeypa
 
 
 def test_a_further_round_stops_once_it_has_its_variants(monkeypatch):
-    original = runner.run_expand
-    finished = []
-
-    def collapsing(request, seed):  # jobs 0-2 format to the same line after their 2nd call
-        result = yield from original(request, seed)
-        finished.append(seed)
-        if seed in {derive_seed(7, i) for i in range(3)}:
-            result.formatted = "same"
-        return result
-
-    monkeypatch.setattr(runner, "run_expand", collapsing)
+    finished = collapse_jobs(monkeypatch, range(3))  # jobs 0-2 end on the same line, after their 2nd call
     engine = FakeEngine()
     request = build_request("1girl", **defaults(format_="oneline"))  # TIPO's 2 calls: no variant ends with its 1st
     out = runner.expand_variants(engine, request, 5, 7, sampler="independent")
