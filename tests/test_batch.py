@@ -258,14 +258,7 @@ def test_batch_tgts_bad_line_fails_alone_and_check_stops_it():
 
 def test_variants_repeating_after_formatting_are_replaced_in_a_further_round(monkeypatch):
     original = runner.run_expand
-
-    def collapsing(request, seed):  # jobs 0-2 format to the same line
-        result = yield from original(request, seed)
-        if seed in {derive_seed(7, i) for i in range(3)}:
-            result.formatted = "same"
-        return result
-
-    monkeypatch.setattr(runner, "run_expand", collapsing)
+    collapse_jobs(monkeypatch, range(3))
     out = runner.expand_variants(FakeEngine(), build_request("1girl", **defaults()), 6, 7, sampler="tgts")
     assert len(out.variants) == 6 and out.rounds == 2 and out.duplicates >= 2
     assert len({v.formatted for v in out.variants}) == 6
