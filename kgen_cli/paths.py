@@ -23,3 +23,15 @@ def kgen_home(create: bool = True) -> Path:
 def package_data(*parts: str) -> Path:
     """A file shipped inside the package (kgen_cli/data/...)."""
     return Path(__file__).resolve().parent.joinpath("data", *parts)
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Refuse, before any work, an output file that cannot be created: the user learns it
+    at once instead of after a long run."""
+    from kgen_cli.errors import UsageError
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {what} {path}: {parent} is not a directory")
+    if path.is_dir():
+        raise UsageError(f"cannot write {what} {path}: it is a directory")

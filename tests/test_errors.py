@@ -162,6 +162,7 @@ def test_a_prompt_longer_than_the_context(model_path, family):
         (["--n-ctx", "8"], "--n-ctx"),
         (["--gpu-layers", "many"], "--gpu-layers"),
         (["--tree-out", "tree.json"], "--tree-out"),
+        (["-n", "2", "--tree-out", "no/such/dir/tree.json"], "is not a directory"),
         (["--no-such-option"], "No such option"),
     ],
 )

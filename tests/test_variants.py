@@ -149,6 +149,19 @@ def test_tree_out_writes_the_tree(model_path, tmp_path):
 
 
 @model
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_tree_out_write_failure_keeps_the_results(model_path):
+    # The tree is written last: a disk that fails then (/dev/full: ENOSPC) costs one error
+    # line and exit 1, not the variants already computed.
+    code, out, err = run_main("expand", PROMPT, "--model", str(model_path), *FAST, "--family", "tipo", "-n", "3",
+                              "--seed", "5", "--max-tokens", "12", "--operation", "None", "--json",
+                              "--tree-out", "/dev/full")
+    assert code == 1
+    assert len(json.loads(out)["variants"]) == 3
+    assert err.strip().splitlines()[-1] == "Error: cannot write --tree-out /dev/full: No space left on device"
+
+
+@model
 @pytest.mark.parametrize("family", ["tipo", "dtg"])
 def test_independent_sampler_and_both_families(model_path, family):
     args = ("-n", "6", "--family", family, "--seed", "11", "--max-tokens", "24", "--operation", "None")

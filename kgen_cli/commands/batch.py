@@ -16,6 +16,7 @@ import typer
 from kgen_cli import options as o
 from kgen_cli.console import err_console, info, stderr_is_tty
 from kgen_cli.errors import KgenError, StopRequested, UsageError
+from kgen_cli.paths import check_output_file
 from kgen_cli.stopping import Interrupted, SignalStop
 
 
@@ -185,9 +186,7 @@ def batch(
 
 
 def _check_output(output: Path, input: str) -> None:
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {output}: {parent} is not a directory")
+    check_output_file(output, "--output")
     if input != "-" and output.exists() and os.path.exists(input) and os.path.samefile(output, input):
         raise UsageError("the output file is the input file")
 

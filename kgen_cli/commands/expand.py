@@ -12,7 +12,8 @@ import typer
 
 from kgen_cli import options as o
 from kgen_cli.console import info, stdout_is_tty, write_result
-from kgen_cli.errors import UsageError
+from kgen_cli.errors import KgenError, UsageError
+from kgen_cli.paths import check_output_file
 
 PromptArg = Annotated[
     Optional[str],
@@ -90,8 +91,10 @@ def expand(
         write_result(pipeline.first_prompt(request))
         return
     kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
-    if tree_out is not None and kind != "tgts":
-        raise UsageError("--tree-out needs the TGTS sampler with -n > 1")
+    if tree_out is not None:
+        if kind != "tgts":
+            raise UsageError("--tree-out needs the TGTS sampler with -n > 1")
+        check_output_file(tree_out, "--tree-out")
 
     resolved = resolve_model(model, fam, download_missing=True)
     seed = runner.random_seed() if seed is None else seed
@@ -123,12 +126,12 @@ def expand(
                 _report_timings(result, load_seconds, wall)
             return
         out, interrupted = _variants(engine, request, variants, seed, kind, group_size, exploration, json_)
-        if tree_out is not None and out is not None and out.tree is not None:
-            tree_out.write_text(json.dumps(out.tree, ensure_ascii=False))
         if json_ and out is not None:
             doc = _common_json(text, request, resolved, engine, seed, load_seconds)
             doc.update(out.to_dict())
             write_result(json.dumps(doc, ensure_ascii=False))
+        if tree_out is not None and out is not None and out.tree is not None:
+            _write_tree(tree_out, out.tree)  # after the results: a failure here loses none of them
         if interrupted is not None:
             got = "" if out is None else f": {len(out.variants)} of {variants} variants written"
             info(f"interrupted{got}")
@@ -158,6 +161,13 @@ def _variants(engine, request, n: int, seed: int, sampler: str, group_size: int,
     except Interrupted as exc:
         return getattr(exc, "partial", None), exc
     return out, None
+
+
+def _write_tree(path: Path, tree: dict) -> None:
+    try:
+        path.write_text(json.dumps(tree, ensure_ascii=False), encoding="utf-8")
+    except OSError as exc:
+        raise KgenError(f"cannot write --tree-out {path}: {exc.strerror or exc}") from None
 
 
 def build_request(text: str, *, nl: str, family: str, quality_line: bool, tag_length, nl_length, operation,
