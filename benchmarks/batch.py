@@ -2,7 +2,7 @@
 
   kgen   `python -m kgen_cli batch` on a prompt file: continuous batching, --parallel sequences
          in one llama.cpp context, kgen's default threads
-  peer   what the WebUI/ComfyUI extensions do (PEERS.md §2.1): a process that loads
+  peer   what the WebUI/ComfyUI extensions do (shared/reference/PEERS.md §2.1): a process that loads
          `llama_cpp.Llama(model, n_ctx=2048, n_gpu_layers=0, verbose=False)` once, with
          llama-cpp-python's default threads (half the CPUs), and calls `create_completion` once
          per prompt, one after another
@@ -10,9 +10,10 @@
 Both sides are subprocesses timed from start to exit, so process start and model load count.
 They get the same model, the exact same prompt texts (kgen's TIPO prompt for each input, from
 `pipeline.first_prompt`; the script checks that kgen's only model call used it), the same
-sampling (TIPO defaults: temperature 0.35, top_p 0.95, top_k 60, min_p 0.1, repeat penalty 1.17
-over 64 tokens), the same --max-tokens and the same seeds (S + i). kgen runs with `--retries 0`
-and `--format tag-only`, so it makes exactly one model call per prompt. The texts differ a little
+sampling (the family's defaults; TIPO: temperature 0.35, top_p 0.95, top_k 60, min_p 0.1, repeat
+penalty 1.17 over 64 tokens), the same --max-tokens and the same seeds (S + i). By default kgen
+runs with `--retries 0` and `--format tag-only`, so it makes exactly one model call per prompt;
+`--plan full` drops both, and the peer then runs the same plan with retries. The texts differ a little
 (batched arithmetic; see `kgen batch --help`), so the generated token counts can differ too: the
 script prints prompts/s and tokens/s for both, and their ratios.
 

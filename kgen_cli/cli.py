@@ -24,7 +24,6 @@ from kgen_cli.errors import KgenError, OutputClosed
 
 app = typer.Typer(
     name="kgen",
-    help="Prompt upsampling for text-to-image models (TIPO, DanTagGen) on llama.cpp.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -34,7 +34,7 @@ class SamplerKind(str, Enum):
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", envvar="KGEN_MODEL", rich_help_panel=ENGINE,
-                 help="Registry name (kgen models list) or path to a local .gguf. [default: the registry's default]"),
+                 help="Registry name (kgen models list) or path to a local .gguf. \\[default: the registry's default]"),
 ]
 FamilyOpt = Annotated[
     Optional[Family],
@@ -47,15 +47,15 @@ GpuLayersOpt = Annotated[
 ]
 NCtxOpt = Annotated[
     Optional[int],
-    typer.Option("--n-ctx", min=64, rich_help_panel=ENGINE, help="KV cells shared by all sequences. [default: 4096, more for -n]"),
+    typer.Option("--n-ctx", min=64, rich_help_panel=ENGINE, help="KV cells shared by all sequences. \\[default: 4096, more for -n]"),
 ]
 ContextLengthOpt = Annotated[
     Optional[int],
-    typer.Option("--context-length", min=16, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. [default: the registry's context_length, 1024 for a local file]"),
+    typer.Option("--context-length", min=16, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. \\[default: the registry's context_length, 1024 for a local file]"),
 ]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option("--threads", min=1, rich_help_panel=ENGINE, help="CPU threads. [default: llama.cpp's]"),
+    typer.Option("--threads", min=1, rich_help_panel=ENGINE, help="CPU threads. \\[default: llama.cpp's]"),
 ]
 NlOpt = Annotated[
     str, typer.Option("--nl", rich_help_panel=GEN, help="Natural-language prompt (TIPO): alone or with tags."),
@@ -72,7 +72,7 @@ WidthOpt = Annotated[Optional[int], typer.Option("--width", rich_help_panel=GEN,
 HeightOpt = Annotated[Optional[int], typer.Option("--height", rich_help_panel=GEN, help="Image height (with --width).")]
 AspectOpt = Annotated[
     Optional[float],
-    typer.Option("--aspect-ratio", "--ar", rich_help_panel=GEN, help="Width / height, e.g. 0.7. [default: 1.0]"),
+    typer.Option("--aspect-ratio", "--ar", rich_help_panel=GEN, help="Width / height, e.g. 0.7. \\[default: 1.0]"),
 ]
 BanOpt = Annotated[
     Optional[list[str]],
@@ -82,7 +82,7 @@ BanOpt = Annotated[
 ]
 RetriesOpt = Annotated[
     Optional[int],
-    typer.Option("--retries", min=0, rich_help_panel=GEN, help="Retries to reach the length target; 0 disables. [default: TIPO 10, DTG 20]"),
+    typer.Option("--retries", min=0, max=999, rich_help_panel=GEN, help="Retries to reach the length target; 0 disables. \\[default: TIPO 10, DTG 20]"),
 ]
 FormatOpt = Annotated[
     str,
@@ -96,19 +96,19 @@ EscapeOpt = Annotated[
 SeedOpt = Annotated[
     Optional[int],
     typer.Option("--seed", "-s", min=0, max=2**32 - 2, rich_help_panel=SAMPLING,
-                 help="Seed in [0, 4294967294]; same seed, model and version reproduce the output on CPU. [default: random, reported with -v and --json]"),
+                 help="Seed in [0, 4294967294]; same seed, model and version reproduce the output on CPU. \\[default: random, reported with -v and --json]"),
 ]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). [default: TIPO 0.35, DTG 0.5]")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=SAMPLING, help="Top-p (1 = off). [default: 0.95]")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, rich_help_panel=SAMPLING, help="Top-k (0 = off). [default: TIPO 60, DTG 100]")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, rich_help_panel=SAMPLING, help="Min-p (0 = off). [default: TIPO 0.1, DTG 0]")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", min=0.0, rich_help_panel=SAMPLING, help="Repetition penalty over the last 64 tokens (1 = off). [default: TIPO 1.17, DTG 1.0]")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=SAMPLING, help="New tokens per model call. [default: TIPO 512, DTG 256]")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). \\[default: TIPO 0.35, DTG 0.5]")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=SAMPLING, help="Top-p in (0, 1] (1 = off). \\[default: 0.95]")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, rich_help_panel=SAMPLING, help="Top-k (0 = off). \\[default: TIPO 60, DTG 100]")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, rich_help_panel=SAMPLING, help="Min-p (0 = off). \\[default: TIPO 0.1, DTG 0]")]
+RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel=SAMPLING, help="Repetition penalty over the last 64 tokens, > 0 (1 = off). \\[default: TIPO 1.17, DTG 1.0]")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=SAMPLING, help="New tokens per model call. \\[default: TIPO 512, DTG 256]")]
 VariantsOpt = Annotated[int, typer.Option("--variants", "-n", min=1, max=1024, rich_help_panel=VARIANTS, help="Distinct variants to return, one line each, printed as each one finishes (a multi-line --format is joined with spaces; --json keeps it).")]
 SamplerOpt = Annotated[
     Optional[SamplerKind],
     typer.Option("--sampler", rich_help_panel=VARIANTS,
-                 help="How variants share work: tgts (token-group tree sampling) or independent (shared prompt cache). [default: tgts when -n > 1]"),
+                 help="How variants share work: tgts (token-group tree sampling) or independent (shared prompt cache). \\[default: tgts when -n > 1]"),
 ]
 GroupSizeOpt = Annotated[int, typer.Option("--group-size", min=1, rich_help_panel=VARIANTS, help="TGTS: separators (commas) per token group.")]
 ExplorationOpt = Annotated[float, typer.Option("--exploration", min=0.0, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant.")]

@@ -18,3 +18,17 @@ def test_cli_reference_is_up_to_date(tmp_path):
     )
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert out.read_text(encoding="utf-8") == committed, f"docs/cli.md is stale; run: {REGENERATE}"
+
+
+def test_defaults_written_into_help_survive_rich_markup():
+    # Rich reads "[default: ...]" as a style tag and drops it unless the bracket is escaped.
+    committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    for shown in ("[default: TIPO 10, DTG 20]", "[default: tgts when -n &gt; 1]", "[default: 0.95]"):
+        assert shown in committed
+
+
+def test_retries_range_in_help_matches_the_pipeline():
+    from kgen_cli.options import RetriesOpt
+    from kgen_cli.pipeline import MAX_RETRIES
+
+    assert RetriesOpt.__metadata__[0].max == MAX_RETRIES

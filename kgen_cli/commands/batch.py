@@ -65,7 +65,7 @@ def batch(
     group_size: o.GroupSizeOpt = 4,
     exploration: o.ExplorationOpt = 1.0,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells for all sequences (default: parallel x context length, each sequence in its own KV stream; with TGTS -n, parallel x (max tokens + 256), shared).")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = False,
@@ -73,8 +73,8 @@ def batch(
     """Expand every prompt of a file or stdin, concurrently; results in input order.
 
     Input: one prompt per line (blank lines and # comments skipped), or JSONL objects with "tags",
-    "nl", "id", "seed" and any expand option by its long name ("tag_length", "width", "format",
-    ...); the command's options are the defaults. With --seed S the i-th prompt (from 0) gets seed
+    "nl", "id", "seed" and the generation options of expand by their long names ("tag_length",
+    "width", "format", ...; docs/usage.md lists them); the command's options are the defaults. With --seed S the i-th prompt (from 0) gets seed
     S + i unless its line sets one; a rerun with the same options reproduces the output exactly
     on CPU. --parallel 1 gives what `kgen expand --seed S+i` gives; with more parallel sequences
     the batched arithmetic differs slightly, so results can differ from a single expand.
@@ -86,7 +86,7 @@ def batch(
     Text output: one line per input (a multi-line --format is joined with spaces; a failed input
     leaves an empty line, its error on stderr); with -n N, N distinct lines per input (repeats
     are replaced by further rounds, as in expand; fewer only when the model keeps repeating
-    itself). JSONL: one object per input (index, id or line number, input, seed, result,
+    itself; none for a failed input). JSONL: one object per input (index, id or line number, input, seed, result,
     timings) or one with "error". A bad line never stops the batch unless --fail-fast; the exit
     status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
