@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     With KGEN_DEBUG=1 the traceback is printed first; the error line and exit status stay the same.
     """
     command = typer.main.get_command(app)
+    if (bad := _not_utf8(sys.argv[1:] if argv is None else argv)) is not None:
+        _fail(f"argument {bad} is not valid UTF-8", 2)
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
         code = command.main(args=argv, prog_name="kgen", standalone_mode=False)
@@ -104,6 +106,17 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_escape(f"{type(exc).__name__}: {exc}".splitlines()[0]) + hint, 1)
     else:
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _not_utf8(args: list[str]) -> str | None:
+    """The first argument Python could only decode with surrogate escapes (bytes that are not
+    UTF-8), shown escaped; it would otherwise fail deep inside, or reach stdout as raw bytes."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return ascii(arg)
+    return None
 
 
 def _traceback() -> None:

@@ -110,6 +110,6 @@ SamplerOpt = Annotated[
     typer.Option("--sampler", rich_help_panel=VARIANTS,
                  help="How variants share work: tgts (token-group tree sampling) or independent (shared prompt cache). \\[default: tgts when -n > 1]"),
 ]
-GroupSizeOpt = Annotated[int, typer.Option("--group-size", min=1, rich_help_panel=VARIANTS, help="TGTS: separators (commas) per token group.")]
-ExplorationOpt = Annotated[float, typer.Option("--exploration", min=0.0, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant.")]
+GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", min=1, rich_help_panel=VARIANTS, help="Separators (commas) per token group: TGTS's segments, and the segments independent variants are scored by. \\[default: 4]")]
+ExplorationOpt = Annotated[Optional[float], typer.Option("--exploration", min=0.0, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant. \\[default: 1.0]")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Diagnostics on stderr: seed, model, timings, llama.cpp's log.")]

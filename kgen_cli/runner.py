@@ -149,6 +149,15 @@ class VariantsResult:
         }
 
 
+def shortfall(got: int, requested: int, stop_reason: str = "complete") -> str | None:
+    """The stderr note for fewer distinct variants than asked (None when all came back). Short
+    runs end on repeats (stop reasons complete, duplicates, budget) unless the tree had no room."""
+    if got >= requested:
+        return None
+    why = "the tree had no room to grow" if stop_reason == "exhausted" else "the model kept repeating itself"
+    return f"only {got} of {requested} distinct variants: {why}"
+
+
 # Rounds of `expand_variants`: when post-processing maps different generations to the same
 # prompt, the missing variants are generated again (new seeds), while rounds still add some.
 MAX_ROUNDS = 4

@@ -653,6 +653,14 @@ def test_variants_grouped_per_input(model_path, isolated_home, tmp_path):
     owners = [next(i for i, p in enumerate(lines) if owns(line, p)) for line in out]
     assert owners == sorted(owners) and set(owners) == {0, 1, 2}  # N lines per input, grouped in input order
     assert [owners.count(i) for i in range(3)] == [len(d["variants"]) for d in docs]  # same seeds, same variants
+    notes = [f"line {i + 1}: only {len(d['variants'])} of 3 distinct variants" for i, d in enumerate(docs)
+             if len(d["variants"]) < 3]  # fmt: skip
+    assert [line for line in proc.stderr.decode().splitlines() if "distinct variants" in line] == [
+        f"{note}: the model kept repeating itself" for note in notes]
+    greedy = kgen_batch(model_path, isolated_home, str(src), "-n", "3", "--seed", "5", "--temperature", "0")
+    assert greedy.returncode == 0 and len(greedy.stdout.decode().splitlines()) == 3  # one per input
+    assert greedy.stderr.decode().splitlines() == [
+        f"line {i}: only 1 of 3 distinct variants: the model kept repeating itself" for i in (1, 2, 3)]
 
     # Independent variants at TIPO's low default temperature repeat often: each input still gets
     # N distinct ones, the repeats replaced by later variants (seeds past S + N - 1).
@@ -747,6 +755,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     (["in.txt", "--format", "<|nothing"], "format"),
     (["in.txt", "-o", "in.txt"], "the output file is the input file"),
     (["in.txt", "-n", "2", "-o", "out.txt", "--resume"], "needs -n 1"),
+    (["in.txt", "--exploration", "2"], "--exploration needs the TGTS sampler"),
 ])
 def test_usage_errors_exit_2_before_loading_a_model(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

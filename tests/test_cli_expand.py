@@ -438,3 +438,20 @@ def test_a_file_that_names_no_family_is_prompted_as_tipo_with_a_note(model_path)
     told = run_main("expand", PROMPT, "--model", str(model_path), "--family", "tipo", "--show-prompt")
     assert code == 0 and (out, "") == told[1:]
     assert err.count("\n") == 1 and model_path.name in err and "TIPO" in err and "--family dtg" in err
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error(tmp_path):
+    # Bytes that are not UTF-8 reach Python as surrogate escapes: refused at the door, one line,
+    # instead of an encoding error deep inside or raw bytes on stdout.
+    proc = subprocess.run([sys.executable, "-m", "kgen_cli", "expand", b"1girl, caf\xe9", "--show-prompt"],
+                          capture_output=True, env=kgen_env(tmp_path), cwd=REPO_ROOT, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, b"")
+    assert proc.stderr == b"Error: argument '1girl, caf\\udce9' is not valid UTF-8\n"
+
+
+def test_a_byte_order_mark_on_stdin_is_not_part_of_the_first_tag(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kgen_cli", "expand", "-", "--show-prompt"],
+                          input="\ufeff1girl, solo".encode(), capture_output=True, env=kgen_env(tmp_path),
+                          cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().endswith("tag: 1girl, solo\n")

@@ -163,6 +163,10 @@ def test_a_prompt_longer_than_the_context(model_path, family):
         (["--gpu-layers", "many"], "--gpu-layers"),
         (["--tree-out", "tree.json"], "--tree-out"),
         (["-n", "2", "--tree-out", "no/such/dir/tree.json"], "is not a directory"),
+        (["-n", "2", "--tree-out", "-"], "needs a file name"),
+        (["--group-size", "2"], "--group-size needs -n > 1"),
+        (["-n", "2", "--sampler", "independent", "--exploration", "2"], "--exploration needs the TGTS sampler"),
+        (["-n", "2", "--exploration", "inf"], "finite"),
         (["--no-such-option"], "No such option"),
     ],
 )
@@ -245,3 +249,11 @@ def test_kgen_debug_shows_the_traceback_of_usage_errors(isolated_home):
     loud = _kgen("expand", "1girl", "--ban", "re:(", "--show-prompt", home=isolated_home, KGEN_DEBUG="1")
     assert loud.returncode == 2
     assert "Traceback (most recent call last)" in loud.stderr and "UsageError" in loud.stderr
+
+
+@pytest.mark.parametrize("args", [("--aspect-ratio", "0"), ()])
+def test_the_family_note_never_precedes_an_error(tmp_path, args):
+    # A file whose name says neither TIPO nor DTG gets a note, but only once the run goes ahead:
+    # a bad option, or a missing file, is the one line on stderr.
+    code, out, err = run_main("expand", "1girl", "--model", str(tmp_path / "weights.gguf"), *args)
+    assert_one_line_error((code, out, err), 2 if args else 1)

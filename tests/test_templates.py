@@ -291,6 +291,8 @@ def test_resolve_file(tmp_path):
     path = tmp_path / "fmt.txt"
     path.write_text("<|special|>, \n<|general|>\n", encoding="utf-8")
     assert resolve_format(f"@{path}") == "<|special|>, \n<|general|>"
+    path.write_text("\ufeff<|general|>\n", encoding="utf-8")  # a BOM from an editor is not template text
+    assert resolve_format(f"@{path}") == "<|general|>"
 
 
 @pytest.mark.parametrize(

@@ -319,3 +319,14 @@ def test_new_sampler_history_feeds_the_repetition_penalty(model_path):
         assert bd.sample(best, bd.new_sampler(penalized, 0)).token == top  # no history: no penalty
         s = bd.sample(other, bd.new_sampler(penalized, 0, history=[top]))
         assert s.token != top and 0 < s.prob < 1
+
+
+@model
+def test_fewer_variants_than_asked_are_noted_on_stderr(model_path):
+    # Greedy decoding gives one output: the lines printed say nothing about the missing ones.
+    code, out, err = run_main("expand", PROMPT, "--model", str(model_path), *FAST, "--family", "tipo", "-n", "3",
+                              "--seed", "1", "--max-tokens", "8", "--operation", "None", "--temperature", "0")
+    assert code == 0, err
+    got = len(lines_of(out))
+    assert got < 3
+    assert f"note: only {got} of 3 distinct variants: the model kept repeating itself" in err

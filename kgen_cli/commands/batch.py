@@ -62,8 +62,8 @@ def batch(
     max_tokens: o.MaxTokensOpt = None,
     variants: o.VariantsOpt = 1,
     sampler: o.SamplerOpt = None,
-    group_size: o.GroupSizeOpt = 4,
-    exploration: o.ExplorationOpt = 1.0,
+    group_size: o.GroupSizeOpt = None,
+    exploration: o.ExplorationOpt = None,
     gpu_layers: o.GpuLayersOpt = "auto",
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
     context_length: o.ContextLengthOpt = None,
@@ -94,7 +94,7 @@ def batch(
     """
     from kgen_cli import batchjobs, runner
     from kgen_cli.batchio import OrderedWriter, PipeLines, count_prompts, read_records, scan_done
-    from kgen_cli.commands.expand import build_request
+    from kgen_cli.commands.expand import build_request, sampler_options
     from kgen_cli.registry import family_note, registry_spec_only, resolve_model
     from kgen_cli.sampling import FAMILY_DEFAULTS
 
@@ -106,8 +106,6 @@ def batch(
         _check_output(output, input)
     fam = family.value if family else None
     spec = registry_spec_only(model, fam)
-    if (note := family_note(spec)) and not quiet:
-        info(note)
     defaults = dict(
         nl=nl, family=spec.family, quality_line=spec.quality_line, tag_length=tag_length, nl_length=nl_length,
         operation=operation, width=width, height=height, aspect_ratio=aspect_ratio, ban=ban, retries=retries,
@@ -115,6 +113,7 @@ def batch(
         min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
     )
     build_request("", **defaults)  # the shared options are checked before any model or file is touched
+    _, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
     layers = runner.parse_gpu_layers(gpu_layers)
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
     fmt = output_format.value
@@ -122,6 +121,8 @@ def batch(
     base_seed = runner.random_seed() if seed is None else seed
 
     resolved = resolve_model(model, fam, download_missing=True)
+    if (note := family_note(spec)) and not quiet:  # after the checks: an error stays one line
+        info(note)
     sampler_name = sampler.value if sampler else "tgts"
     context_length = context_length or resolved.n_ctx  # None: the runner's default for a local file
     call_tokens = max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens
@@ -241,6 +242,10 @@ class _BatchState:
                 raise _FailFast(message)
         else:
             self.writer.add(rec.index, self._render(rec, result))
+            from kgen_cli.runner import shortfall  # loaded by now: it runs the jobs
+
+            if note := shortfall(len(result["variants"]), result["n"]):
+                info(f"line {rec.line}: {note}")
         self.progress(result)
 
     def _render(self, rec, result) -> list[str]:

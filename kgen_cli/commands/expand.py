@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ def read_prompt(prompt: str | None) -> str:
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         data = sys.stdin.buffer.read()
         try:
-            return data.decode("utf-8")
+            return data.decode("utf-8").removeprefix("\ufeff")  # a BOM from Windows editors
         except UnicodeDecodeError:
             raise UsageError("stdin is not valid UTF-8") from None
     return prompt or ""
@@ -56,8 +57,8 @@ def expand(
     max_tokens: o.MaxTokensOpt = None,
     variants: o.VariantsOpt = 1,
     sampler: o.SamplerOpt = None,
-    group_size: o.GroupSizeOpt = 4,
-    exploration: o.ExplorationOpt = 1.0,
+    group_size: o.GroupSizeOpt = None,
+    exploration: o.ExplorationOpt = None,
     tree_out: Annotated[Optional[Path], typer.Option("--tree-out", rich_help_panel=o.VARIANTS, help="TGTS: write the final tree as JSON to this file.")] = None,
     gpu_layers: o.GpuLayersOpt = "auto",
     n_ctx: o.NCtxOpt = None,
@@ -78,8 +79,6 @@ def expand(
     text = read_prompt(prompt)
     fam = family.value if family else None
     spec_model = registry_spec_only(model, fam)
-    if note := family_note(spec_model):
-        info(note)
     request = build_request(
         text, nl=nl, family=spec_model.family, quality_line=spec_model.quality_line, tag_length=tag_length,
         nl_length=nl_length, operation=operation, width=width, height=height, aspect_ratio=aspect_ratio,
@@ -87,16 +86,23 @@ def expand(
         top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
     )
     layers = runner.parse_gpu_layers(gpu_layers)  # usage errors first, before any file is touched
+    note = family_note(spec_model)  # shown once the input is checked: an error stays one line
     if show_prompt:
+        if note:
+            info(note)
         write_result(pipeline.first_prompt(request))
         return
-    kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
+    kind, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
     if tree_out is not None:
         if kind != "tgts":
             raise UsageError("--tree-out needs the TGTS sampler with -n > 1")
+        if str(tree_out) == "-":
+            raise UsageError("--tree-out needs a file name: stdout carries the variants")
         check_output_file(tree_out, "--tree-out")
 
     resolved = resolve_model(model, fam, download_missing=True)
+    if note:
+        info(note)
     seed = runner.random_seed() if seed is None else seed
     if verbose:
         where = "" if resolved.name == str(resolved.path) else f" {resolved.path}"
@@ -136,6 +142,8 @@ def expand(
             got = "" if out is None else f": {len(out.variants)} of {variants} variants written"
             info(f"interrupted{got}")
             raise typer.Exit(interrupted.exit_code)
+        if note := runner.shortfall(len(out.variants), variants, out.stop_reason):
+            info(f"note: {note}")
         if verbose:
             info(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
                  f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s")
@@ -161,6 +169,24 @@ def _variants(engine, request, n: int, seed: int, sampler: str, group_size: int,
     except Interrupted as exc:
         return getattr(exc, "partial", None), exc
     return out, None
+
+
+def sampler_options(variants: int, sampler, group_size: int | None, exploration: float | None):
+    """(kind, group size, exploration): kind is "single" for -n 1, else the sampler. An option
+    that would change nothing is refused rather than silently ignored (the group size also
+    scores independent variants)."""
+    from kgen_cli.tree import DEFAULT_EXPLORATION, DEFAULT_GROUP_SIZE
+
+    kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
+    if exploration is not None:
+        if kind != "tgts":
+            raise UsageError("--exploration needs the TGTS sampler with -n > 1")
+        if not math.isfinite(exploration):
+            raise UsageError("--exploration must be a finite number")
+    if group_size is not None and kind == "single":
+        raise UsageError("--group-size needs -n > 1")
+    return (kind, DEFAULT_GROUP_SIZE if group_size is None else group_size,
+            DEFAULT_EXPLORATION if exploration is None else exploration)
 
 
 def _write_tree(path: Path, tree: dict) -> None:

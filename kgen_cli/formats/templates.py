@@ -91,7 +91,7 @@ def _read_template_file(path_text: str) -> str:
         raise UsageError("--format @ needs a file path: @FILE")
     path = Path(path_text).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # without a BOM, if an editor wrote one
     except UnicodeDecodeError:
         raise UsageError(f"format file {path_text} is not valid UTF-8") from None
     except OSError as exc:
