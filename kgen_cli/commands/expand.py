@@ -305,6 +305,11 @@ def _parsed_input(request) -> dict:
     return parsed_input(request)
 
 
+def _after_first(call: dict) -> int:
+    sampled = call.get("n_tokens", 0) + (call.get("finish_reason") == "stop")
+    return max(0, sampled - 1)
+
+
 def _single_json(text, request, resolved, engine, seed, result, load_seconds, wall) -> dict:
     doc = _common_json(text, request, resolved, engine, seed, load_seconds)
     body = result.to_dict()
@@ -313,11 +318,14 @@ def _single_json(text, request, resolved, engine, seed, result, load_seconds, wa
     gen_s = sum(c.get("generate_seconds", 0) for c in calls)
     n_prompt = sum(c.get("n_prompt_tokens", 0) for c in calls)
     n_gen = sum(c.get("n_tokens", 0) for c in calls)
+    # The first token of a call comes with its prompt (prompt_seconds); generation_seconds covers
+    # the tokens sampled after it, the end-of-generation token included when the model stopped.
+    n_after_first = sum(_after_first(c) for c in calls)
     doc.update(body)
     doc["timings"].update({
         "prompt_eval_seconds": round(prompt_s, 4), "generation_seconds": round(gen_s, 4),
         "prompt_tokens": n_prompt, "generated_tokens": n_gen,
-        "tokens_per_second": round(n_gen / gen_s, 2) if gen_s > 0 else None,
+        "tokens_per_second": round(n_after_first / gen_s, 2) if gen_s > 0 and n_after_first else None,
         "wall_seconds": round(wall, 4),
     })
     return doc
