@@ -13,9 +13,9 @@ They get the same model, the exact same prompt texts (kgen's TIPO prompt for eac
 sampling (the family's defaults; TIPO: temperature 0.35, top_p 0.95, top_k 60, min_p 0.1, repeat
 penalty 1.17 over 64 tokens), the same --max-tokens and the same seeds (S + i). By default kgen
 runs with `--retries 0` and `--format tag-only`, so it makes exactly one model call per prompt;
-`--plan full` drops both, and the peer then runs the same plan with retries. The texts differ a little
-(batched arithmetic; see `kgen batch --help`), so the generated token counts can differ too: the
-script prints prompts/s and tokens/s for both, and their ratios.
+`--plan full` drops both, and the peer then runs the same plan with retries. The texts differ a
+little (batched arithmetic; see `kgen batch --help`), so the generated token counts can differ
+too: the script prints prompts/s and tokens/s for both, and their ratios.
 
 On CPUs with AMX, llama.cpp's extra (repacked) weight buffers segfault on multi-token batches;
 the peer gets the same setting as kgen's Engine (off there), see kgen_cli/engine.py.

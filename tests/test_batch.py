@@ -755,7 +755,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     (["in.txt", "--format", "<|nothing"], "format"),
     (["in.txt", "-o", "in.txt"], "the output file is the input file"),
     (["in.txt", "-n", "2", "-o", "out.txt", "--resume"], "needs -n 1"),
-    (["in.txt", "--exploration", "2"], "--exploration needs the TGTS sampler"),
+    (["in.txt", "--sampler", "independent", "--exploration", "2"], "--exploration is for --sampler tgts"),
 ])
 def test_usage_errors_exit_2_before_loading_a_model(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -74,9 +74,9 @@ def batch(
 
     Input: one prompt per line (blank lines and # comments skipped), or JSONL objects with "tags",
     "nl", "id", "seed" and the generation options of expand by their long names ("tag_length",
-    "width", "format", ...; docs/usage.md lists them); the command's options are the defaults. With --seed S the i-th prompt (from 0) gets seed
-    S + i unless its line sets one; a rerun with the same options reproduces the output exactly
-    on CPU. --parallel 1 gives what `kgen expand --seed S+i` gives; with more parallel sequences
+    "width", "format", ...; docs/usage.md lists them); the command's options are the defaults.
+    With --seed S the i-th prompt (from 0) gets seed S + i unless its line sets one; a rerun with
+    the same options reproduces the output exactly on CPU. --parallel 1 gives what `kgen expand --seed S+i` gives; with more parallel sequences
     the batched arithmetic differs slightly, so results can differ from a single expand.
 
     -n N: by default each input's N variants come from one TGTS tree, as `kgen expand -n N`
@@ -86,8 +86,8 @@ def batch(
     Text output: one line per input (a multi-line --format is joined with spaces; a failed input
     leaves an empty line, its error on stderr); with -n N, N distinct lines per input (repeats
     are replaced by further rounds, as in expand; fewer only when the model keeps repeating
-    itself; none for a failed input). JSONL: one object per input (index, id or line number, input, seed, result,
-    timings) or one with "error". A bad line never stops the batch unless --fail-fast; the exit
+    itself, with a note on stderr; none for a failed input). JSONL: one object per input (index,
+    id or line number, input, seed, result, timings) or one with "error". A bad line never stops the batch unless --fail-fast; the exit
     status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
     written too, so the file may be out of order; their "index" tells).

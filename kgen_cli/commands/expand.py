@@ -142,8 +142,8 @@ def expand(
             got = "" if out is None else f": {len(out.variants)} of {variants} variants written"
             info(f"interrupted{got}")
             raise typer.Exit(interrupted.exit_code)
-        if note := runner.shortfall(len(out.variants), variants, out.stop_reason):
-            info(f"note: {note}")
+        if short := runner.shortfall(len(out.variants), variants, out.stop_reason):
+            info(f"note: {short}")
         if verbose:
             info(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
                  f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s")
@@ -172,19 +172,17 @@ def _variants(engine, request, n: int, seed: int, sampler: str, group_size: int,
 
 
 def sampler_options(variants: int, sampler, group_size: int | None, exploration: float | None):
-    """(kind, group size, exploration): kind is "single" for -n 1, else the sampler. An option
-    that would change nothing is refused rather than silently ignored (the group size also
-    scores independent variants)."""
+    """(kind, group size, exploration): kind is "single" for -n 1, else the sampler. The TGTS
+    options are accepted with -n 1 (a script may vary N), but not against an explicit
+    `--sampler independent`, which has no tree to explore."""
     from kgen_cli.tree import DEFAULT_EXPLORATION, DEFAULT_GROUP_SIZE
 
     kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
     if exploration is not None:
-        if kind != "tgts":
-            raise UsageError("--exploration needs the TGTS sampler with -n > 1")
         if not math.isfinite(exploration):
             raise UsageError("--exploration must be a finite number")
-    if group_size is not None and kind == "single":
-        raise UsageError("--group-size needs -n > 1")
+        if sampler is not None and sampler.value == "independent":
+            raise UsageError("--exploration is for --sampler tgts")
     return (kind, DEFAULT_GROUP_SIZE if group_size is None else group_size,
             DEFAULT_EXPLORATION if exploration is None else exploration)
 
