@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kgen_cli.errors import UsageError
+
 
 def kgen_home(create: bool = True) -> Path:
     """`KGEN_HOME` if set, else the platform config dir (e.g. ~/.config/kgen)."""
@@ -28,8 +30,6 @@ def package_data(*parts: str) -> Path:
 def check_output_file(path: Path, what: str) -> None:
     """Refuse, before any work, an output file that cannot be created: the user learns it
     at once instead of after a long run."""
-    from kgen_cli.errors import UsageError
-
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"cannot write {what} {path}: {parent} is not a directory")

@@ -76,8 +76,9 @@ def batch(
     "nl", "id", "seed" and the generation options of expand by their long names ("tag_length",
     "width", "format", ...; docs/usage.md lists them); the command's options are the defaults.
     With --seed S the i-th prompt (from 0) gets seed S + i unless its line sets one; a rerun with
-    the same options reproduces the output exactly on CPU. --parallel 1 gives what `kgen expand --seed S+i` gives; with more parallel sequences
-    the batched arithmetic differs slightly, so results can differ from a single expand.
+    the same options reproduces the output exactly on CPU. --parallel 1 gives what `kgen expand
+    --seed S+i` gives; with more parallel sequences the batched arithmetic differs slightly, so
+    results can differ from a single expand.
 
     -n N: by default each input's N variants come from one TGTS tree, as `kgen expand -n N`
     makes them (inputs one after another, the tree's branches decoded together); with --sampler
@@ -87,8 +88,8 @@ def batch(
     leaves an empty line, its error on stderr); with -n N, N distinct lines per input (repeats
     are replaced by further rounds, as in expand; fewer only when the model keeps repeating
     itself, with a note on stderr; none for a failed input). JSONL: one object per input (index,
-    id or line number, input, seed, result, timings) or one with "error". A bad line never stops the batch unless --fail-fast; the exit
-    status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
+    id or line number, input, seed, result, timings) or one with "error". A bad line never stops
+    the batch unless --fail-fast; the exit status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
     written too, so the file may be out of order; their "index" tells).
     """
@@ -113,7 +114,7 @@ def batch(
         min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
     )
     build_request("", **defaults)  # the shared options are checked before any model or file is touched
-    _, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
+    kind, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
     layers = runner.parse_gpu_layers(gpu_layers)
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
     fmt = output_format.value
@@ -123,11 +124,10 @@ def batch(
     resolved = resolve_model(model, fam, download_missing=True)
     if (note := family_note(spec)) and not quiet:  # after the checks: an error stays one line
         info(note)
-    sampler_name = sampler.value if sampler else "tgts"
     context_length = context_length or resolved.n_ctx  # None: the runner's default for a local file
     call_tokens = max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens
     sizing_length = context_length or runner.DEFAULT_CONTEXT_LENGTH
-    unified = not batchjobs.use_kv_streams(trees=variants > 1 and sampler_name == "tgts",
+    unified = not batchjobs.use_kv_streams(trees=kind == "tgts",
                                            context_length=sizing_length, max_tokens=call_tokens, retries=retries)
     if n_ctx is None:
         n_ctx = batchjobs.batch_n_ctx(parallel, call_tokens, sizing_length, unified=unified)
@@ -151,7 +151,7 @@ def batch(
             state.progress = progress
             run = batchjobs.BatchRun(engine, defaults, base_seed, variants=variants, parallel=parallel,
                                      on_done=state.record, check=stop.check,
-                                     sampler=sampler_name, group_size=group_size,
+                                     sampler=kind, group_size=group_size,
                                      exploration=exploration)
             if regular:
                 lines = stop.watch(stream)
