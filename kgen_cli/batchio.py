@@ -90,13 +90,35 @@ def detect_format(first_line: str) -> str:
         return "lines"
 
 
+def _classify(raw: bytes, number: int) -> tuple[str | None, str | None]:
+    """One input line as (text, error): (None, None) for a line that is skipped (blank, `#`),
+    text for a prompt line (stripped), error for a line that takes an index but cannot be read.
+    The one rule for `read_records` and `count_prompts`."""
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not raw.strip() or raw.lstrip().startswith(b"#"):
+            return None, None
+        if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return None, "the input is UTF-16; kgen reads UTF-8 (convert it, e.g. with iconv)"
+        return None, f"not valid UTF-8 (byte {exc.start + 1})"
+    stripped = text.strip()
+    if not stripped or stripped.startswith("#"):
+        return None, None
+    if "\x00" in stripped:  # a UTF-16 file without its BOM, or binary data
+        return None, "contains NUL bytes (a UTF-16 file? kgen reads UTF-8)"
+    return stripped, None
+
+
 def read_records(stream: Iterable[bytes | None], input_format: str | None) -> Iterator[InputRecord | None]:
     """Yield one record per prompt line, lazily (a 100k-line input is never held in memory).
 
     Blank lines and lines starting with `#` are skipped and take no index. A line that is not
-    UTF-8, not valid JSON, or has a bad option still gets its index (so seeds and resume stay
-    aligned) and carries the reason in `error`. A None from `stream` ("no line ready yet", see
-    `PipeLines`) is passed on as None."""
+    UTF-8 (or holds NUL bytes), not valid JSON, or has a bad option still gets its index (so
+    seeds and resume stay aligned) and carries the reason in `error`. A None from `stream` ("no
+    line ready yet", see `PipeLines`) is passed on as None."""
     index = 0
     fmt = input_format
     number = 0
@@ -105,22 +127,15 @@ def read_records(stream: Iterable[bytes | None], input_format: str | None) -> It
             yield None
             continue
         number += 1
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte order mark
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if not raw.strip() or raw.lstrip().startswith(b"#"):
-                continue
-            yield InputRecord(index, number, error=f"not valid UTF-8 (byte {exc.start + 1})")
-            index += 1
+        text, error = _classify(raw, number)
+        if error is not None:
+            yield InputRecord(index, number, error=error)
+        elif text is not None:
+            if fmt is None:
+                fmt = detect_format(text)
+            yield parse_line(index, number, text, fmt)
+        else:
             continue
-        stripped = text.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if fmt is None:
-            fmt = detect_format(stripped)
-        yield parse_line(index, number, stripped, fmt)
         index += 1
 
 
@@ -180,14 +195,27 @@ class PipeLines:
             yield item
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
     """One prompt line (already stripped) as a record; a bad line gets `error` set."""
     if fmt == "lines":
         return InputRecord(index, number, fields={"tags": text})
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         return InputRecord(index, number, error=f"invalid JSON ({exc.msg} at column {exc.colno})")
+    except ValueError as exc:  # NaN, Infinity, 1e400: Python's json takes them, JSON does not
+        return InputRecord(index, number, error=f"invalid JSON ({exc})")
     except RecursionError:
         return InputRecord(index, number, error="invalid JSON (nested too deeply)")
     if not isinstance(obj, dict):
@@ -218,13 +246,8 @@ def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
 
 def count_prompts(path: str) -> int:
     """Prompt lines in a file (the rule of `read_records`), for the progress total."""
-    n = 0
     with open(path, "rb") as fh:
-        for raw in fh:
-            s = raw.strip()
-            if s and not s.startswith(b"#") and s != b"\xef\xbb\xbf":
-                n += 1
-    return n
+        return sum(1 for number, raw in enumerate(fh, start=1) if _classify(raw, number) != (None, None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +279,8 @@ def scan_done(path: str, output_format: str, variants: int) -> set[int]:
     with open(path, "rb") as fh:
         if output_format == "jsonl":
             for number, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue  # a blank line (an editor's, a concatenation's): no record
                 try:
                     done.add(int(json.loads(raw)["index"]))
                 except (ValueError, KeyError, TypeError):

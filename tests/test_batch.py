@@ -766,6 +766,20 @@ def test_usage_errors_exit_2_before_loading_a_model(capsys, tmp_path, monkeypatc
     assert message in " ".join(err.split()) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("extra", [[], ["--resume"]])
+def test_stdin_redirected_from_the_output_file_is_refused_and_kept(isolated_home, tmp_path, extra):
+    """`kgen batch - -o f < f` would truncate f before reading it (or, resuming, read its own output)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("1girl\n1boy\n")
+    with open(victim, "rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "kgen_cli", "batch", "-", "-o", str(victim), *extra,
+                               "--model", "/nonexistent.gguf", "--family", "tipo"], stdin=stdin,
+                              capture_output=True, env=env_for(isolated_home), cwd=REPO_ROOT, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert b"the output file is the input file" in proc.stderr and proc.stderr.count(b"\n") == 1
+    assert victim.read_text() == "1girl\n1boy\n"
+
+
 def test_stats_count_every_model_call_including_those_reusing_a_sequence():
     engine = FakeEngine()
     done: list = []

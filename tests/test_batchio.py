@@ -175,10 +175,35 @@ def test_100k_lines_stream_through_reader_and_writer_in_bounded_memory():
     assert peak < 1_000_000, f"peak {peak} bytes: something holds the whole input"
 
 
-def test_count_prompts_follows_the_reader(tmp_path):
+@pytest.mark.parametrize("data", [
+    b"\xef\xbb\xbfa\n\n# c\n  b\n\xff\n",
+    # a BOM before a comment; lines of Unicode whitespace only (NBSP, LINE SEPARATOR): skipped
+    "\ufeff# header\n1girl\n\u2028\n\u00a0\n1boy\n".encode(),
+    b"a\n\x00b\x00\n",  # a NUL line is an error line: it counts
+])  # fmt: skip
+def test_count_prompts_follows_the_reader(tmp_path, data):
     path = tmp_path / "in.txt"
-    path.write_bytes(b"\xef\xbb\xbfa\n\n# c\n  b\n\xff\n")
-    assert count_prompts(str(path)) == 3 == len(records(path.read_bytes()))
+    path.write_bytes(data)
+    assert count_prompts(str(path)) == len(records(data))
+
+
+def test_utf16_and_nul_lines_are_error_lines_not_prompts():
+    utf16 = records("1girl\n1boy\n".encode("utf-16"))
+    assert utf16[0].error.startswith("the input is UTF-16")
+    assert all(r.error for r in utf16) and not any(r.fields for r in utf16)  # never run as prompts
+    nul = records(b"ok\n1\x00b\x00o\x00y\x00\n")
+    assert nul[0].error is None and nul[1].error.startswith("contains NUL bytes")
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"tags": "x", "id": NaN}', "NaN is not a JSON value"),
+    ('{"tags": "x", "seed": Infinity}', "Infinity is not a JSON value"),
+    ('{"tags": "x", "top_p": -Infinity}', "-Infinity is not a JSON value"),
+    ('{"tags": "x", "aspect_ratio": 1e400}', "1e400 is out of range"),
+])  # fmt: skip
+def test_jsonl_non_finite_numbers_are_invalid_json(line, why):
+    (rec,) = records(line + "\n")
+    assert rec.error == f"invalid JSON ({why})"
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -236,6 +261,12 @@ def test_scan_done_jsonl_reads_indices_and_cuts_a_partial_record(tmp_path):
     assert scan_done(str(path), "jsonl", 1) == {0, 1, 3}
     assert path.read_text().endswith('{"index": 1}\n')
     assert scan_done(str(tmp_path / "missing.jsonl"), "jsonl", 4) == set()
+
+
+def test_scan_done_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"index": 0}\n\n{"index": 2}\n  \n')
+    assert scan_done(str(path), "jsonl", 1) == {0, 2}
 
 
 def test_scan_done_text_counts_lines(tmp_path):

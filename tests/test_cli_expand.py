@@ -457,3 +457,15 @@ def test_a_byte_order_mark_on_stdin_is_not_part_of_the_first_tag(tmp_path):
                           cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().endswith("tag: 1girl, solo\n")
+
+
+@pytest.mark.parametrize("data, message", [
+    ("1girl, solo".encode("utf-16"), "stdin is UTF-16; kgen reads UTF-8"),
+    ("1girl, solo".encode("utf-16-le"), "stdin contains NUL bytes"),
+    (b"1girl, caf\xe9", "stdin is not valid UTF-8"),
+])  # fmt: skip
+def test_stdin_that_is_not_utf8_text_is_a_usage_error(tmp_path, data, message):
+    proc = subprocess.run([sys.executable, "-m", "kgen_cli", "expand", "-", "--show-prompt"], input=data,
+                          capture_output=True, env=kgen_env(tmp_path), cwd=REPO_ROOT, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, b"")
+    assert proc.stderr.decode().startswith(f"Error: {message}") and proc.stderr.count(b"\n") == 1

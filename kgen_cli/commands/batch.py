@@ -188,7 +188,16 @@ def batch(
 
 def _check_output(output: Path, input: str) -> None:
     check_output_file(output, "--output")
-    if input != "-" and output.exists() and os.path.exists(input) and os.path.samefile(output, input):
+    if not output.exists():
+        return
+    if input != "-":
+        same = os.path.exists(input) and os.path.samefile(output, input)
+    else:  # `kgen batch - -o f < f` would empty f before reading it
+        try:
+            same = os.path.samestat(os.fstat(sys.stdin.fileno()), os.stat(output))
+        except (OSError, ValueError, AttributeError):
+            same = False
+    if same:
         raise UsageError("the output file is the input file")
 
 

@@ -26,10 +26,15 @@ def read_prompt(prompt: str | None) -> str:
     """The argument wins; stdin is read only for '-' or when no argument is given and it is piped."""
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         data = sys.stdin.buffer.read()
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UsageError("stdin is UTF-16; kgen reads UTF-8 (convert it, e.g. with iconv)")
         try:
-            return data.decode("utf-8").removeprefix("\ufeff")  # a BOM from Windows editors
+            text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM from Windows editors
         except UnicodeDecodeError:
             raise UsageError("stdin is not valid UTF-8") from None
+        if "\x00" in text:
+            raise UsageError("stdin contains NUL bytes (a UTF-16 file? kgen reads UTF-8)")
+        return text
     return prompt or ""
 
 
