@@ -1,3 +1,3 @@
-from kgen_cli.cli import main
+from kgen_cli import main
 
 main()

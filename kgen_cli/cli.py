@@ -19,7 +19,7 @@ from kgen_cli.commands import batch as batch_cmd
 from kgen_cli.commands import expand as expand_cmd
 from kgen_cli.commands import info as info_cmd
 from kgen_cli.commands import models as models_cmd
-from kgen_cli.console import debug_enabled, err_console
+from kgen_cli.console import debug_enabled, err_console, stand_in_for_closed_streams
 from kgen_cli.errors import KgenError, OutputClosed
 
 app = typer.Typer(
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     With KGEN_DEBUG=1 the traceback is printed first; the error line and exit status stay the same.
     """
+    stand_in_for_closed_streams()
     command = typer.main.get_command(app)
     if (bad := _not_utf8(sys.argv[1:] if argv is None else argv)) is not None:
         _fail(f"argument {bad} is not valid UTF-8", 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import select
 import stat
@@ -9,7 +11,7 @@ import sys
 
 from rich.console import Console
 
-from kgen_cli.errors import OutputClosed
+from kgen_cli.errors import KgenError, OutputClosed
 
 # Diagnostics, progress and streaming decoration. No colour when stderr is not a terminal.
 err_console = Console(stderr=True, highlight=False)
@@ -61,3 +63,53 @@ def stdout_reader_gone() -> bool:
         return any(event & select.POLLERR for _, event in poller.poll(0))
     except (AttributeError, OSError, ValueError):
         return False
+
+
+class ClosedStream(io.TextIOBase):
+    """Stands in for a standard stream the process was started without (`kgen ... >&-`), where
+    Python leaves None: using it is a one-line error instead of an AttributeError."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    @property
+    def buffer(self) -> ClosedStream:
+        return self
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError(errno.EBADF, f"{self.name} is closed")
+
+    def flush(self) -> None:  # called at exit too: nothing to flush
+        pass
+
+    def _closed(self, *_args, **_kwargs):
+        raise KgenError(f"{self.name} is closed")
+
+    read = readline = readlines = write = writelines = __next__ = _closed
+
+
+def stand_in_for_closed_streams() -> None:
+    """Started with stdin/stdout/stderr closed: keep their descriptors taken (by /dev/null), so
+    that a file kgen opens never becomes fd 1 and receives what C code writes there, and give
+    Python a stand-in. A closed stderr just discards diagnostics."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(os.devnull, "w") if name == "stderr" else ClosedStream(name))
+
+
+def require_open(name: str, hint: str | None = None) -> None:
+    """Fail before any work when the results' stream (or the input's) was closed at start."""
+    if isinstance(getattr(sys, name), ClosedStream):
+        raise KgenError(f"{name} is closed", hint=hint)

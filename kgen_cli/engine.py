@@ -24,10 +24,12 @@ import ctypes
 import math
 import mmap
 import os
+import signal
 import struct
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -273,6 +275,36 @@ def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
             sys.stderr.write(msg)
     except BaseException:  # noqa: BLE001
         pass
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM while llama.cpp loads a model and creates a context, then deliver them.
+
+    Loading calls back into Python (log lines, progress), and a KeyboardInterrupt raised inside
+    a ctypes callback is printed and swallowed: Ctrl-C during a load was lost and the whole run
+    went on. Here the signal is only recorded; `should_stop()` (polled by the load's progress
+    callback) tells llama.cpp to cancel the load when the signal's own handler would end the
+    run anyway, and on the way out the signal goes to the handler that was installed before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signal handlers belong to the main thread; nothing to hold here
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    ends_run = (signal.default_int_handler, signal.SIG_DFL, None)  # None: set outside Python (default)
+    for s in previous:
+        signal.signal(s, lambda signum, _frame: held.append(signum))
+    try:
+        yield lambda: bool(held) and previous[held[0]] in ends_run
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            handler = previous[held[0]]
+            if callable(handler):
+                handler(held[0], None)  # KeyboardInterrupt, or a run's own stop flag (SignalStop)
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(held[0])  # the default action: SIGTERM ends the process
 
 
 def _llama() -> ModuleType:
@@ -610,60 +642,66 @@ class Engine:
         self.counters = DecodeCounters()
         _log_errors.clear()
         try:
-            if extra_buffers is None:
-                extra_buffers = not cpu_has_amx()
-            mp = _set_fields(
-                ll.llama_model_default_params(),
-                n_gpu_layers=int(n_gpu_layers),
-                load_mode=ll.LLAMA_LOAD_MODE_MMAP,
-                # Extra buffer types = CPU weight repacking, including ggml's AMX path, which
-                # segfaults on multi-token batches on AMX CPUs (seen on a Xeon VM); auto = off there.
-                use_extra_bufts=bool(extra_buffers),
-            )
-            model = ll.llama_model_load_from_file(os.fsencode(self.path), mp)
-            if not model:
-                raise EngineError(f"llama.cpp could not load {self.path}: {_load_error()}")
-            self._stack.callback(ll.llama_model_free, model)
-            self._model = model
-            self._vocab = ll.llama_model_get_vocab(model)
-            self.n_vocab: int = ll.llama_vocab_n_tokens(self._vocab)
-            n_ctx_train = ll.llama_model_n_ctx_train(model)
+            with _signals_held() as stop_requested:
+                if extra_buffers is None:
+                    extra_buffers = not cpu_has_amx()
+                mp = _set_fields(
+                    ll.llama_model_default_params(),
+                    n_gpu_layers=int(n_gpu_layers),
+                    load_mode=ll.LLAMA_LOAD_MODE_MMAP,
+                    # Extra buffer types = CPU weight repacking, including ggml's AMX path, which
+                    # segfaults on multi-token batches on AMX CPUs (seen on a Xeon VM); auto = off there.
+                    use_extra_bufts=bool(extra_buffers),
+                )
+                # Polled per tensor; False cancels the load (a held Ctrl-C, see _signals_held).
+                # Also replaces llama.cpp's default callback, which logs a row of dots.
+                on_progress = ll.llama_progress_callback(lambda _progress, _data: not stop_requested())
+                _set_fields(mp, progress_callback=on_progress)
+                model = ll.llama_model_load_from_file(os.fsencode(self.path), mp)
+                del on_progress  # C keeps no reference once the load returns
+                if not model:
+                    raise EngineError(f"llama.cpp could not load {self.path}: {_load_error()}")
+                self._stack.callback(ll.llama_model_free, model)
+                self._model = model
+                self._vocab = ll.llama_model_get_vocab(model)
+                self.n_vocab: int = ll.llama_vocab_n_tokens(self._vocab)
+                n_ctx_train = ll.llama_model_n_ctx_train(model)
 
-            want = n_ctx or n_ctx_train
-            want = -(-want // _CTX_PAD) * _CTX_PAD
-            threads = n_threads or _default_threads()
-            cp = _set_fields(
-                ll.llama_context_default_params(),
-                n_ctx=want,
-                n_batch=want,  # one step never needs Python chunking; llama_decode splits into ubatches
-                n_ubatch=min(512, want),
-                n_seq_max=n_seq_max,
-                kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
-                n_threads=threads,
-                n_threads_batch=threads,
-                no_perf=True,  # llama.cpp's token counters still run; only its timers are off
-                flash_attn_type=-1 if flash_attn is None else int(bool(flash_attn)),  # -1 = auto
-            )
-            ctx = ll.llama_init_from_model(model, cp)
-            if not ctx:
-                raise EngineError(f"llama.cpp could not create a context (n_ctx={want}): {_last_error()}")
-            self._stack.callback(ll.llama_free, ctx)
-            self._ctx = ctx
-            self._mem = ll.llama_get_memory(ctx)
-            self.n_ctx: int = ll.llama_n_ctx(ctx)
-            self.kv_unified = bool(kv_unified)
-            # Cells one sequence can hold: all of them when unified, its stream's otherwise.
-            self.n_ctx_seq: int = ll.llama_n_ctx_seq(ctx) if not kv_unified else self.n_ctx
-            # The most positions one model call spans (prompt + new tokens). The context holds
-            # many sequences; kgen's runner narrows this to the model's trained context.
-            self.window: int = self.n_ctx_seq
-            self.n_batch: int = ll.llama_n_batch(ctx)
-            self.n_seq_max: int = ll.llama_n_seq_max(ctx)
-            self.n_threads = threads
-            # One token belongs to one sequence: prompts are shared by llama_memory_seq_cp, not by
-            # tagging tokens with several ids.
-            self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
-            self._stack.callback(ll.llama_batch_free, self._batch)
+                want = n_ctx or n_ctx_train
+                want = -(-want // _CTX_PAD) * _CTX_PAD
+                threads = n_threads or _default_threads()
+                cp = _set_fields(
+                    ll.llama_context_default_params(),
+                    n_ctx=want,
+                    n_batch=want,  # one step never needs Python chunking; llama_decode splits into ubatches
+                    n_ubatch=min(512, want),
+                    n_seq_max=n_seq_max,
+                    kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    no_perf=True,  # llama.cpp's token counters still run; only its timers are off
+                    flash_attn_type=-1 if flash_attn is None else int(bool(flash_attn)),  # -1 = auto
+                )
+                ctx = ll.llama_init_from_model(model, cp)
+                if not ctx:
+                    raise EngineError(f"llama.cpp could not create a context (n_ctx={want}): {_last_error()}")
+                self._stack.callback(ll.llama_free, ctx)
+                self._ctx = ctx
+                self._mem = ll.llama_get_memory(ctx)
+                self.n_ctx: int = ll.llama_n_ctx(ctx)
+                self.kv_unified = bool(kv_unified)
+                # Cells one sequence can hold: all of them when unified, its stream's otherwise.
+                self.n_ctx_seq: int = ll.llama_n_ctx_seq(ctx) if not kv_unified else self.n_ctx
+                # The most positions one model call spans (prompt + new tokens). The context holds
+                # many sequences; kgen's runner narrows this to the model's trained context.
+                self.window: int = self.n_ctx_seq
+                self.n_batch: int = ll.llama_n_batch(ctx)
+                self.n_seq_max: int = ll.llama_n_seq_max(ctx)
+                self.n_threads = threads
+                # One token belongs to one sequence: prompts are shared by llama_memory_seq_cp, not by
+                # tagging tokens with several ids.
+                self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+                self._stack.callback(ll.llama_batch_free, self._batch)
         except BaseException:
             self._stack.close()
             raise

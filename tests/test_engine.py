@@ -559,3 +559,53 @@ def test_quantize_model(model_path, tmp_path):
     assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]  # no temp file left
     with Engine(dst, n_ctx=256) as e:
         assert e.complete(req(1, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 4}))).n_tokens > 0
+
+
+# -- signals during a load -------------------------------------------------------------------------
+
+
+def test_a_signal_during_the_load_is_held_then_delivered():
+    import signal
+
+    with pytest.raises(KeyboardInterrupt):
+        with eng._signals_held() as stop_requested:
+            assert not stop_requested()
+            signal.raise_signal(signal.SIGINT)  # recorded, not raised here
+            assert stop_requested()  # the default handler would end the run: cancel the load
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        with eng._signals_held() as stop_requested:
+            signal.raise_signal(signal.SIGTERM)
+            assert not stop_requested()  # a run's own handler (SignalStop) decides: load on
+        assert got == [signal.SIGTERM]  # and it was told once the load was over
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.model
+def test_ctrl_c_during_a_real_load_cancels_it(model_path, monkeypatch):
+    """Ctrl-C while llama.cpp loads used to raise inside a ctypes callback, which swallows it."""
+    import signal
+
+    ll = eng._llama()
+    calls: list[float] = []
+    real = ll.llama_progress_callback
+
+    def interrupting(fn):
+        def progress(value, data):
+            calls.append(value)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGINT)  # as a Ctrl-C would land, mid-load
+            return fn(value, data)
+
+        return real(progress)
+
+    monkeypatch.setattr(ll, "llama_progress_callback", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        Engine(model_path, n_ctx=512)
+    assert len(calls) == 3  # the load stopped at the callback that saw the signal
+    monkeypatch.undo()
+    with Engine(model_path, n_ctx=512) as e:  # nothing left behind: a load works again
+        assert e.tokenize("1girl", add_bos=False)

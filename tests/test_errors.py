@@ -183,7 +183,7 @@ def test_an_unknown_family_exits_2(tmp_path):
 
 
 def test_stdin_that_is_not_utf8_exits_2(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe1girl")))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"1girl, caf\xe9")))
     result = run_main("expand", "-", "--model", str(tmp_path / "m.gguf"), "--family", "tipo")
     assert_one_line_error(result, 2, "not valid UTF-8")
 
@@ -256,3 +256,61 @@ def test_the_family_note_never_precedes_an_error(tmp_path, args):
     # a bad option, or a missing file, is the one line on stderr.
     code, out, err = run_main("expand", "1girl", "--model", str(tmp_path / "weights.gguf"), *args)
     assert_one_line_error((code, out, err), 2 if args else 1)
+
+
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line(monkeypatch, capsys):
+    """The console script (`kgen_cli:main`) imports the CLI itself, so that a Ctrl-C during the
+    ~0.1 s of imports ends like any interrupt instead of printing an import traceback."""
+    import kgen_cli
+
+    class InterruptedImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "kgen_cli.cli":
+                raise KeyboardInterrupt  # as a Ctrl-C landing mid-import would
+            return None
+
+    monkeypatch.delitem(sys.modules, "kgen_cli.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exited:
+        kgen_cli.main(["--version"])
+    assert exited.value.code == 130
+    assert capsys.readouterr() == ("", "Error: interrupted\n")
+
+
+def _kgen_without(fd: int, *args: str, home: Path) -> subprocess.CompletedProcess:
+    """The console script started with descriptor `fd` closed (`kgen ... >&-`, `<&-`, `2>&-`)."""
+    full = {k: v for k, v in os.environ.items() if k != "KGEN_DEBUG"}
+    full.update(KGEN_HOME=str(home), HF_HUB_CACHE=str(home / "hf-cache"), HF_HUB_OFFLINE="1")
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "kgen_cli", *args], capture_output=True, text=True, env=full,
+                          cwd=REPO_ROOT, timeout=60, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(fd))  # fmt: skip
+
+
+@pytest.mark.parametrize("fd, args, message", [
+    (1, ("expand", "1girl"), "stdout is closed"),
+    (1, ("batch", "in.txt"), "stdout is closed (write the results to a file with -o FILE)"),
+    (0, ("batch", "-", "-o", "out.txt"), "stdin is closed"),
+    (0, ("expand", "-"), "stdin is closed"),
+])  # fmt: skip
+def test_a_closed_standard_stream_fails_before_any_work(isolated_home, tmp_path, fd, args, message):
+    # The model does not exist: the closed stream is found first, before anything is loaded.
+    (tmp_path / "in.txt").write_text("1girl\n")
+    args = tuple(str(tmp_path / a) if a.endswith(".txt") else a for a in args)
+    proc = _kgen_without(fd, *args, "--model", str(tmp_path / "absent.gguf"), "--family", "tipo", home=isolated_home)
+    assert (proc.returncode, proc.stderr) == (1, f"Error: {message}\n")
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_a_closed_stderr_still_gives_the_results(isolated_home):
+    proc = _kgen_without(2, "expand", "1girl, solo", "--show-prompt", home=isolated_home)
+    assert proc.returncode == 0 and proc.stdout.endswith("tag: 1girl, solo\n")
+
+
+@model
+def test_batch_to_a_file_with_stdout_closed(model_path, isolated_home, tmp_path):
+    (tmp_path / "in.txt").write_text("1girl\n1boy\n")
+    out = tmp_path / "out.txt"
+    proc = _kgen_without(1, "batch", str(tmp_path / "in.txt"), "-o", str(out), "--model", str(model_path),
+                         "--max-tokens", "8", "--operation", "None", "--retries", "0", "-q", home=isolated_home)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().count("\n") == 2

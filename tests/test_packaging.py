@@ -41,4 +41,4 @@ def test_wheel_ships_registry_tag_lists_and_licence(wheel):
 
 def test_wheel_declares_the_console_script(wheel):
     entry_points = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
-    assert "kgen = kgen_cli.cli:main" in wheel.read(entry_points).decode()
+    assert "kgen = kgen_cli:main" in wheel.read(entry_points).decode()

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import options as o
-from kgen_cli.console import err_console, info, stderr_is_tty
+from kgen_cli.console import err_console, info, require_open, stderr_is_tty
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.paths import check_output_file
 from kgen_cli.stopping import Interrupted, SignalStop
@@ -105,6 +105,10 @@ def batch(
         raise UsageError("--resume needs -o OUTPUT")
     if output is not None:
         _check_output(output, input)
+    else:
+        require_open("stdout", hint="write the results to a file with -o FILE")
+    if input == "-":
+        require_open("stdin")
     fam = family.value if family else None
     spec = registry_spec_only(model, fam)
     defaults = dict(

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import options as o
-from kgen_cli.console import info, stdout_is_tty, write_result
+from kgen_cli.console import info, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.paths import check_output_file
 
@@ -81,6 +81,7 @@ def expand(
     from kgen_cli import pipeline, runner
     from kgen_cli.registry import family_note, registry_spec_only, resolve_model
 
+    require_open("stdout")  # before the model: every result goes there
     text = read_prompt(prompt)
     fam = family.value if family else None
     spec_model = registry_spec_only(model, fam)
