@@ -123,6 +123,15 @@ def _cached_file(spec: ModelSpec) -> Path | None:
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 
+def _identity(path: Path | None) -> tuple[int, int, int] | None:
+    """(device, inode, mtime) of the file behind `path`, None when there is none."""
+    try:
+        st = path.resolve().stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns) if st is not None else None
+
+
 def _recorded_local_file(spec: ModelSpec) -> Path | None:
     entry = _read_state(LOCAL_FILES_FILE).get(spec.name)
     if not isinstance(entry, dict) or entry.get("repo") != spec.repo or entry.get("file") != spec.file:
@@ -166,6 +175,8 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
         kwargs["cache_dir"] = hf_cache_dir()
     kwargs["force_download"] = force
     kwargs["local_files_only"] = offline
+    before = None if force else _identity(Path(kwargs["local_dir"]) / spec.file if local_dir is not None
+                                          else _cached_file(spec))  # fmt: skip
     with _progress_bars(enabled=not quiet), _quiet_hub_log():
         try:
             found = hf_hub_download(**kwargs)
@@ -175,7 +186,9 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
                 raise
             raise error from exc
     path = Path(found)
-    _check_file(spec, path, delete_bad=True)
+    # Only what the hub just wrote may be deleted: a file that was already there (the user's own
+    # in --local-dir, or a cached one returned offline) is refused and left alone.
+    _check_file(spec, path, delete_bad=before is None or _identity(path) != before)
     if local_dir is not None:
         _record_local_file(spec, path)
     return path

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kgen_cli.errors import EngineError, UsageError
-from kgen_cli.sampling import SEED_MAX, Completion, CompletionRequest, SamplingParams
+from kgen_cli.sampling import MAX_N_CTX, SEED_MAX, Completion, CompletionRequest, SamplingParams
 
 # The decoder protocol's value types live with the tree sampler (pure Python); the engine is its
 # llama.cpp implementation and raises / returns exactly these.
@@ -626,8 +626,9 @@ class Engine:
         if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= MAX_SEQ:
             # llama.cpp returns NULL for > 256; validating gives the user the reason.
             raise UsageError(f"n_seq_max must be in [1, {MAX_SEQ}], got {n_seq_max!r}")
-        if not isinstance(n_ctx, int) or n_ctx < 0:
-            raise UsageError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx!r}")
+        if not isinstance(n_ctx, int) or not 0 <= n_ctx <= MAX_N_CTX:
+            # A uint32 in C: larger values wrap (a GGML_ASSERT abort, or a huge allocation).
+            raise UsageError(f"n_ctx must be in [0, {MAX_N_CTX}] (0 = the model's training context), got {n_ctx!r}")
         if n_threads is not None and n_threads < 1:
             raise UsageError(f"n_threads must be >= 1, got {n_threads!r}")
         self.path = Path(model_path)

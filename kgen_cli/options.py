@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from kgen_cli.sampling import MAX_N_CTX
+
 GEN = "Generation"
 SAMPLING = "Sampling"
 OUTPUT = "Output"
@@ -47,11 +49,11 @@ GpuLayersOpt = Annotated[
 ]
 NCtxOpt = Annotated[
     Optional[int],
-    typer.Option("--n-ctx", min=64, rich_help_panel=ENGINE, help="KV cells shared by all sequences. \\[default: 4096, more for -n]"),
+    typer.Option("--n-ctx", min=64, max=MAX_N_CTX, rich_help_panel=ENGINE, help="KV cells shared by all sequences. \\[default: 4096, more for -n]"),
 ]
 ContextLengthOpt = Annotated[
     Optional[int],
-    typer.Option("--context-length", min=16, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. \\[default: the registry's context_length, 1024 for a local file]"),
+    typer.Option("--context-length", min=16, max=MAX_N_CTX, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. \\[default: the registry's context_length, 1024 for a local file]"),
 ]
 ThreadsOpt = Annotated[
     Optional[int],

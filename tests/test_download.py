@@ -40,10 +40,12 @@ class FakeHub:
 
     def __call__(self, **kwargs):
         self.calls.append(kwargs)
-        if kwargs.get("local_files_only") and not self._existing(kwargs).exists():
+        if kwargs.get("local_files_only") and not kwargs.get("local_dir") and not self._existing(kwargs).exists():
             raise hub_errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
         if kwargs.get("local_dir"):
             target = Path(kwargs["local_dir"]) / kwargs["filename"]
+            if kwargs.get("local_files_only") and target.exists():
+                return str(target)  # offline: what is there, as it is
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.content)
             return str(target)
@@ -195,6 +197,25 @@ def test_bad_file_on_disk_is_refused_not_deleted(tmp_path):
         assert info.value.hint == "run: kgen models download tipo-x --force"
         assert bad.exists()
         assert dl.local_path(spec(sha256=SHA), verify=False) == bad  # `models list` does not hash
+
+
+@pytest.mark.parametrize("where", ["local_dir", "cache"])
+def test_a_bad_file_already_there_is_refused_not_deleted_by_download(hub, tmp_path, where):
+    """Offline, the hub hands back what is on disk: the user's own file in --local-dir, or a
+    cached one. download() must not delete a file it did not write."""
+    if where == "local_dir":
+        existing = tmp_path / "mine" / "tipo-x.Q8_0.gguf"
+        existing.parent.mkdir()
+        existing.write_bytes(b"my own model")
+        kwargs = {"local_dir": existing.parent}
+    else:
+        existing = dl.download(spec())  # cached by a download that matched its (absent) checks
+        kwargs = {}
+    with pytest.raises(DownloadError) as info, \
+         patch("kgen_cli.download.try_to_load_from_cache", return_value=str(existing)):  # fmt: skip
+        dl.download(spec(size=7), offline=True, **kwargs)
+    assert "was deleted" not in str(info.value) and info.value.hint == "run: kgen models download tipo-x --force"
+    assert existing.exists() and existing.stat().st_size != 7
 
 
 def test_a_changed_file_is_hashed_again(tmp_path):

@@ -609,3 +609,9 @@ def test_ctrl_c_during_a_real_load_cancels_it(model_path, monkeypatch):
     monkeypatch.undo()
     with Engine(model_path, n_ctx=512) as e:  # nothing left behind: a load works again
         assert e.tokenize("1girl", add_bos=False)
+
+
+@pytest.mark.parametrize("n_ctx", [-1, 2**20 + 1, 2**32, 10**20])
+def test_context_sizes_llama_cpp_would_wrap_are_refused(model_path, n_ctx):
+    with pytest.raises(UsageError, match=r"n_ctx must be in \[0, 1048576\]"):
+        Engine(model_path, n_ctx=n_ctx)

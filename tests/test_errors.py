@@ -160,6 +160,9 @@ def test_a_prompt_longer_than_the_context(model_path, family):
         (["--temperature", "-0.5"], "--temperature"),
         (["--top-p", "0"], "top_p"),
         (["--n-ctx", "8"], "--n-ctx"),
+        (["--n-ctx", str(2**32)], "--n-ctx"),  # wrapped to 0 in C: a GGML_ASSERT abort
+        (["--n-ctx", "99999999999999999999"], "--n-ctx"),  # wrapped to 1.6e9 cells: the OOM killer
+        (["--context-length", str(2**32)], "--context-length"),
         (["--gpu-layers", "many"], "--gpu-layers"),
         (["--tree-out", "tree.json"], "--tree-out"),
         (["-n", "2", "--tree-out", "no/such/dir/tree.json"], "is not a directory"),

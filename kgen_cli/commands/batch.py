@@ -65,7 +65,7 @@ def batch(
     group_size: o.GroupSizeOpt = None,
     exploration: o.ExplorationOpt = None,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = False,
