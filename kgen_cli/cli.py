@@ -6,6 +6,7 @@ imports llama_cpp or loads tag lists, so `kgen --help` stays fast.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -79,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         code = command.main(args=argv, prog_name="kgen", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except SystemExit as exc:
+        # click and rich answer a broken pipe while they print (--help, --version into `| head`)
+        # with a silent exit 1; kgen's own writes end with 141 there (OutputClosed), and so this.
+        broken = exc.__context__
+        if exc.code == 1 and isinstance(broken, OSError) and broken.errno == errno.EPIPE:
+            _quiet_broken_pipe()
+        raise
     except typer.Abort:
         _fail("interrupted", 130)
     except click_exceptions.NoArgsIsHelpError as exc:

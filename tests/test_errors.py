@@ -317,3 +317,17 @@ def test_batch_to_a_file_with_stdout_closed(model_path, isolated_home, tmp_path)
                          "--max-tokens", "8", "--operation", "None", "--retries", "0", "-q", home=isolated_home)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert out.read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("args", [("--version",), ("--help",), ("expand", "--help")])
+def test_help_and_version_into_a_closed_pipe_exit_141(isolated_home, args):
+    """As `kgen expand ... | head` does: click and rich would exit 1 on the broken pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before kgen writes a byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kgen_cli", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, cwd=REPO_ROOT, timeout=60,
+                              env={**os.environ, "KGEN_HOME": str(isolated_home)})  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, b"")
