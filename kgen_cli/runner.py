@@ -216,8 +216,9 @@ def expand_variants(
     further round (jobs n, n+1, ...: new seeds; twice as many as missing, plus 2, the first
     distinct ones to end kept, the rest dropped then; independent samples even after a TGTS
     round), up to `MAX_ROUNDS` rounds while each adds a variant.
-    When the tree stops short (a model that keeps repeating itself, or the token budget), no
-    further round runs: fewer variants come back, and `stop_reason` says why. `check()` runs
+    When the tree stops short on a streak of repeats (a model that keeps repeating itself) or
+    for lack of room, no further round runs: fewer variants come back, and `stop_reason` says
+    why. After its token budget, top-up rounds still run. `check()` runs
     before every decode step and may raise `StopRequested` to stop (signals); the exception then
     carries the variants final so far as `partial` (a VariantsResult, stop_reason "interrupted").
 
@@ -242,7 +243,10 @@ def expand_variants(
         )  # fmt: skip
 
     try:
-        while stop_reason == "complete" and (want := round_size(n, len(kept), rounds, added)):
+        # After a tree that hit its token budget the model may well have more to give (short
+        # outputs make many equal leaves): top-up rounds still run. A tree that stopped on a
+        # streak of repeats has shown that it has not; one with no room cannot grow one.
+        while stop_reason in ("complete", "budget") and (want := round_size(n, len(kept), rounds, added)):
             judge = _Judge(n, seen, kept, on_variant)
             before = len(kept)
             # A top-up round is a few variants: independent samples decode them in one pass, where a

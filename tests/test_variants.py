@@ -330,3 +330,14 @@ def test_fewer_variants_than_asked_are_noted_on_stderr(model_path):
     got = len(lines_of(out))
     assert got < 3
     assert f"note: only {got} of 3 distinct variants: the model kept repeating itself" in err
+
+
+@model
+def test_a_tree_stopped_by_its_token_budget_is_topped_up(model_path):
+    # Six-token outputs: many leaves format alike, and this tree (seed 1) reaches its budget of
+    # 2 x n x max_tokens with 31 of 32. The missing ones are still sought by a further round.
+    doc = json_run(model_path, "-n", "32", "--family", "tipo", "--seed", "1", "--max-tokens", "6",
+                   "--operation", "None")  # fmt: skip
+    totals = doc["totals"]
+    assert totals["rounds"] >= 2, totals
+    assert totals["variants"] == len(doc["variants"]) == len({v["formatted"] for v in doc["variants"]})
