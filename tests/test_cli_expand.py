@@ -469,3 +469,12 @@ def test_stdin_that_is_not_utf8_text_is_a_usage_error(tmp_path, data, message):
                           capture_output=True, env=kgen_env(tmp_path), cwd=REPO_ROOT, timeout=60)
     assert (proc.returncode, proc.stdout) == (2, b"")
     assert proc.stderr.decode().startswith(f"Error: {message}") and proc.stderr.count(b"\n") == 1
+
+
+@pytest.mark.model
+def test_json_request_shows_the_retries_in_effect(model_path):
+    # Not set on the command line: the family's default, not null.
+    code, out, err = run_main("expand", PROMPT, "--model", str(model_path), "--family", "tipo", "--threads", "1",
+                              "--n-ctx", "512", "--max-tokens", "4", "--operation", "None", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["request"]["retries"] == 10

@@ -283,7 +283,7 @@ def _common_json(text, request, resolved, engine, seed, load_seconds) -> dict:
         "sampling": request.params.to_dict(),
         "request": {"tag_length": request.tag_length, "nl_length": request.nl_length,
                     "operation": request.operation, "aspect_ratio": request.aspect_ratio,
-                    "bans": request.bans.patterns, "retries": request.retries},
+                    "bans": request.bans.patterns, "retries": request.effective_retries},  # the default resolved
         "timings": {"load_seconds": round(load_seconds, 4)},
     }
 
