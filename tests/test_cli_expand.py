@@ -478,3 +478,17 @@ def test_json_request_shows_the_retries_in_effect(model_path):
                               "--n-ctx", "512", "--max-tokens", "4", "--operation", "None", "--json")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["request"]["retries"] == 10
+
+
+@pytest.mark.parametrize("family", ["tipo", "dtg"])
+def test_show_prompt_with_json_is_one_object_with_the_exact_prompt(tmp_path, family):
+    # No model: the file does not even exist.
+    args = ("expand", PROMPT, "--model", str(tmp_path / "m.gguf"), "--family", family, "--show-prompt")
+    code, text, err = run_main(*args)
+    assert (code, err) == (0, "")
+    code, out, err = run_main(*args, "--json")
+    assert (code, err) == (0, "") and out.count("\n") == 1
+    doc = json.loads(out)
+    assert doc["prompt"] + ("" if doc["prompt"].endswith("\n") else "\n") == text
+    assert doc["family"] == family and doc["input"]["raw"] == PROMPT
+    assert doc["input"]["parsed"]["tags"] == ["1girl", "red hair", "dragon horns"]

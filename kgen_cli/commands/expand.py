@@ -69,7 +69,7 @@ def expand(
     n_ctx: o.NCtxOpt = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
-    show_prompt: Annotated[bool, typer.Option("--show-prompt", rich_help_panel=o.OUTPUT, help="Print the exact text of the first model call and exit (no model needed).")] = False,
+    show_prompt: Annotated[bool, typer.Option("--show-prompt", rich_help_panel=o.OUTPUT, help="Print the exact text of the first model call and exit (no model needed); with --json, an object with it and the parsed input.")] = False,
     json_: Annotated[bool, typer.Option("--json", rich_help_panel=o.OUTPUT, help="Print one JSON object with everything: input, model, seeds, sampling, every call's prompt and raw output, timings.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", rich_help_panel=o.OUTPUT, help="Stream the generated text live when stdout is a terminal.")] = True,
     verbose: o.VerboseOpt = False,
@@ -96,7 +96,13 @@ def expand(
     if show_prompt:
         if note:
             info(note)
-        write_result(pipeline.first_prompt(request))
+        first = pipeline.first_prompt(request)
+        if json_:  # the exact text, unambiguous (trailing spaces and newlines included)
+            write_result(json.dumps({"input": {"raw": text, "nl": request.nl, "parsed": _parsed_input(request)},
+                                     "family": request.family, "operation": request.operation, "prompt": first},
+                                    ensure_ascii=False))  # fmt: skip
+        else:
+            write_result(first)
         return
     kind, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
     if tree_out is not None:
