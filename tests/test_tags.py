@@ -364,3 +364,13 @@ def test_import_and_categorize_are_fast():
     )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 0.25
+
+
+@pytest.mark.parametrize("tag, expected", [
+    ("long_hair_", ("general", "long hair")),  # not "long hair ": no stray space in the model's input
+    ("_solo", ("general", "solo")),
+    ("____", ("general", "____")),  # nothing but underscores: nothing to space
+    ("^_^", ("general", "^_^")),
+])  # fmt: skip
+def test_underscores_at_the_ends_leave_no_spaces(tag, expected):
+    assert classify(tag) == expected

@@ -131,7 +131,9 @@ def classify(
     stores the form that hit. `extra_quality` / `extra_special` must be lower-case (see
     `categorize`); they are tried first.
     """
-    spaced = tag.replace("_", " ")
+    # Stripped: a stray "_" at an end ("long_hair_", a typo) must not put a space into the
+    # model's input ("long hair ,"); the reference keeps it. All underscores: nothing to space.
+    spaced = tag.replace("_", " ").strip() or tag
     forms = [(tag, tag.lower())] if spaced == tag else [(tag, tag.lower()), (spaced, spaced.lower())]
     for category, members in (("special", extra_special), ("quality", extra_quality)):
         for form, lowered in forms:
