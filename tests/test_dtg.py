@@ -103,3 +103,7 @@ def test_passes_counts_input_special_general_and_new():
     assert dtg.TARGET == {"very_short": 8, "short": 16, "long": 32, "very_long": 48}
     assert not dtg.passes(m, ["a"] * 5, "very_short")
     assert dtg.passes(m, ["a"] * 6, "very_short")
+
+
+def test_new_tags_never_hold_a_line_break():
+    assert dtg.parse_new_tags("<|input_end|>a, b\nc,\n\nd, a") == ["a", "b", "c", "d"]

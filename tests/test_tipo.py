@@ -519,3 +519,12 @@ def test_parse_example_rendered_with_both_tag_first():
         "1girl, hatsune miku, vocaloid, \nask (askzy), \n\nsolo, twintails, aqua hair, long hair, smile,\n\n"
         "A girl with aqua twintails smiles. She wears a headset.\n\nmasterpiece, absurdres, sensitive"
     )
+
+
+def test_a_tag_never_holds_a_line_break():
+    # A line that is not a known `key:` continues the tag section (§7.1); its items are tags of
+    # their own, so the user's own tag is recognised again and de-duplicated.
+    out = parse_output("tag: 1girl, dragon horns, Ai-Kai 2017\ndragon horns\nauthor: Tzara, 10\n```\nlong: A girl.")
+    assert out["tag"] == ["1girl", "dragon horns", "Ai-Kai 2017", "dragon horns", "author: Tzara", "10", "```"]
+    assert all("\n" not in t for field in FIELDS for t in out.get(field, []))
+    assert out["general"].count("dragon horns") == 1 and out["generated"] == "A girl."

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from kgen_cli.formats.tags import FIELDS, categorize
+from kgen_cli.formats.tags import FIELDS, categorize, split_tags
 from kgen_cli.formats.tipo import LEVELS, dedupe_tags, format_ratio, tag_key
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def parse_new_tags(text: str) -> list[str]:
     if INPUT_END not in text:
         return []
     extra = text.rsplit(INPUT_END, 1)[1].strip().strip(",")
-    return dedupe_tags(item.strip() for item in extra.split(",") if item.strip())
+    return dedupe_tags(split_tags(extra))  # newlines split too: a tag never holds a line break
 
 
 def new_tags(text: str, tag_map: Mapping[str, list[str]], *, bans: BanList | None = None) -> list[str]:

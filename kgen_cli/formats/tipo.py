@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from kgen_cli.errors import UsageError
-from kgen_cli.formats.tags import FIELDS, categorize
+from kgen_cli.formats.tags import FIELDS, categorize, split_tags
 
 if TYPE_CHECKING:
     from kgen_cli.formats.bans import BanList
@@ -204,7 +204,10 @@ _SECTION_START = re.compile(r"([^:\n]+):(.*)")
 
 
 def _split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+    """A list field's items. Split on newlines too: a section runs on over lines that are not
+    `key:` lines (§7.1), and the reference kept such a line break inside a tag ("horns\nfoo"),
+    which then reached the next call's prompt, the bans and the output."""
+    return split_tags(text)
 
 
 def tag_key(tag: str) -> str:
