@@ -123,6 +123,17 @@ def _cached_file(spec: ModelSpec) -> Path | None:
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 
+def size_mismatch(spec: ModelSpec, path: Path) -> str | None:
+    """What is wrong with a file whose size is not the registry's (a stat, no hashing), or None."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if spec.size is not None and size != spec.size:
+        return f"is {size} bytes, expected {spec.size}"
+    return None
+
+
 def _identity(path: Path | None) -> tuple[int, int, int] | None:
     """(device, inode, mtime) of the file behind `path`, None when there is none."""
     try:

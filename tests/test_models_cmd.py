@@ -234,3 +234,24 @@ def test_subprocess_models_path_not_downloaded_exits_1(isolated_home):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == ("Error: model 'tipo-100m' is not downloaded "
                            "(HF_HUB_OFFLINE is set; unset it, then run: kgen models download tipo-100m)\n")  # fmt: skip
+
+
+def test_a_file_of_the_wrong_size_is_not_listed_as_downloaded(tmp_path):
+    """models path and expand refuse such a file; list and info must not call it downloaded."""
+    bad = tmp_path / "KBlueLeaf.TIPO-500M.Q8_0.gguf"
+    bad.write_bytes(b"GGUF" * 10)
+
+    def lookup(*, repo_id, filename, cache_dir):
+        return str(bad) if filename == "KBlueLeaf.TIPO-500M.Q8_0.gguf" else None
+
+    with patch("kgen_cli.download.try_to_load_from_cache", side_effect=lookup):
+        models = {m["name"]: m for m in json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)}
+        rows = {line.split("\t")[0]: line.split("\t") for line in runner.invoke(app, ["models", "list"]).stdout.splitlines()}
+        from kgen_cli.commands.info import collect
+
+        present = collect()["models_present"]
+    row = models["tipo-500m-q8_0"]
+    assert row["downloaded"] is False and row["path"] == str(bad) and row["size"] == 540629120
+    assert row["problem"] == "is 40 bytes, expected 540629120"
+    assert rows["tipo-500m-q8_0"][3:5] == ["540629120", "no"]
+    assert "tipo-500m-q8_0" not in present

@@ -21,7 +21,7 @@ def collect() -> dict:
     present = {}
     for spec in registry_.models.values():
         path = download.local_path(spec, verify=False)
-        if path is not None:
+        if path is not None and download.size_mismatch(spec, path) is None:
             present[spec.name] = str(path)
     try:
         from huggingface_hub import constants as hf_constants

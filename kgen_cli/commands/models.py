@@ -102,12 +102,13 @@ def _lookup(registry: Registry, name: str | None) -> ModelSpec:
 
 
 def _row(registry: Registry, spec: ModelSpec) -> dict:
-    path = dl.local_path(spec, verify=False)
+    path = dl.local_path(spec, verify=False)  # no hashing here; a wrong size is seen at once
+    problem = dl.size_mismatch(spec, path) if path is not None else None
     row = spec.to_dict()
-    if path is not None:
+    if path is not None and spec.size is None and problem is None:
         row["size"] = path.stat().st_size
-    row.update(downloaded=path is not None, path=None if path is None else str(path),
-               default=spec.name == registry.default)  # fmt: skip
+    row.update(downloaded=path is not None and problem is None, path=None if path is None else str(path),
+               problem=problem, default=spec.name == registry.default)  # fmt: skip
     return row
 
 
@@ -125,7 +126,8 @@ def _print_table(rows: list[dict]) -> None:
     for row in rows:
         name = f"[bold]{row['name']} *[/bold]" if row["default"] else row["name"]
         table.add_row(name, row["family"], row["quant"], _human_size(row["size"]),
-                      "[green]yes[/green]" if row["downloaded"] else "no", row["repo"])  # fmt: skip
+                      "[green]yes[/green]" if row["downloaded"] else "[red]bad file[/red]" if row["problem"] else "no",
+                      row["repo"])  # fmt: skip
     Console(highlight=False).print(table)
 
 
