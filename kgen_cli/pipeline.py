@@ -392,5 +392,12 @@ def _render(ctx: _Context, tag_map: dict) -> str:
             # The user's NL weights go back on the NL only; restore() then leaves NL text alone.
             values[key] = syntax.restore_nl(values[key], spans, escape_parens=escape_parens)
             nl_texts.append(values[key])
+    # Weights and escapes go on each tag before the template places it: a template may join tags
+    # with anything (" BREAK ", " ", ". "), so they could not be found in its output reliably.
+    decorated: dict[str, str] = {}
+    for key, tags in list(values.items()):
+        if key in FIELDS or key == "tag":
+            values[key] = [ctx.prompt.decorate(t, escape_parens=escape_parens) for t in tags]
+            decorated.update((d, syntax.tag_key(t)) for d, t in zip(values[key], tags))
     text = apply_format(values, ctx.request.template)
-    return syntax.restore(text, ctx.prompt, escape_parens=escape_parens, nl=nl_texts)
+    return syntax.restore(text, ctx.prompt, escape_parens=escape_parens, nl=nl_texts, decorated=decorated)

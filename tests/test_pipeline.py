@@ -510,3 +510,16 @@ def test_validate_accepts_defaults_and_family_defaults():
         assert request.params == FAMILY_DEFAULTS[family]
         assert request.effective_retries == {"tipo": 10, "dtg": 20}[family]
         assert not request.bans
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("<|artist|> BREAK <|general|>", "ask \\(askzy\\) BREAK (smile:1.2), (long hair:1.1)"),
+    ("<|general|> <|artist|>", "(smile:1.2), (long hair:1.1) ask \\(askzy\\)"),
+    ("<|artist|>. <|general|>", "ask \\(askzy\\). (smile:1.2), (long hair:1.1)"),
+    ("<|artist|>, <|general|>", "ask \\(askzy\\), (smile:1.2), (long hair:1.1)"),
+])  # fmt: skip
+def test_weights_and_escapes_survive_any_template_separator(template, expected):
+    # The tags are decorated before the template places them: a template that joins fields with
+    # anything but commas and newlines used to lose them (`ask (askzy) BREAK smile, ...`).
+    request = ExpandRequest(tags="ask \\(askzy\\), (smile:1.2), (long hair:1.1)", template=template, expand_tags=False)
+    assert run(request, Model()).formatted == expected

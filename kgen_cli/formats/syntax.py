@@ -349,7 +349,8 @@ def _break_anchors(parsed: ParsedPrompt, tag_ends: dict[str, int]) -> list[int |
     return anchors
 
 
-def restore(text: str, parsed: ParsedPrompt, *, escape_parens: bool = False, nl: Iterable[str] = ()) -> str:
+def restore(text: str, parsed: ParsedPrompt, *, escape_parens: bool = False, nl: Iterable[str] = (),
+            decorated: dict[str, str] | None = None) -> str:  # fmt: skip
     """Put the user's syntax back on a formatted output (tags joined by ", ").
 
     - a tag the user weighted gets its weight back (`decorate`); other tags stay plain
@@ -360,11 +361,18 @@ def restore(text: str, parsed: ParsedPrompt, *, escape_parens: bool = False, nl:
     - extra-network tokens are appended at the end, verbatim, in input order.
     Whole comma/newline-separated pieces are matched, never substrings; the `nl` texts (and a
     "." right after one) are left alone.
+
+    `decorated` (decorated text -> tag_key of the tag): the tags were decorated before the
+    template placed them, which holds for any template, whatever separates its placeholders.
+    Pieces are then not decorated again; only BREAK and the extra networks are put back.
     """
     edits: list[tuple[int, int, str]] = []
     tag_ends: dict[str, int] = {}
     known = parsed.weighted()
     for start, end, piece in _segments(text, _nl_ranges(text, nl)):
+        if decorated is not None:
+            tag_ends.setdefault(decorated.get(piece, tag_key(piece)), end)
+            continue
         tag_ends.setdefault(tag_key(piece), end)
         new = _decorate(piece, known, escape_parens)
         if new != piece:
