@@ -218,7 +218,7 @@ def expand_variants(
     round), up to `MAX_ROUNDS` rounds while each adds a variant.
     When the tree stops short on a streak of repeats (a model that keeps repeating itself) or
     for lack of room, no further round runs: fewer variants come back, and `stop_reason` says
-    why. After its token budget, top-up rounds still run. `check()` runs
+    why. After its token budget, top-up rounds still run (unless decoding is greedy). `check()` runs
     before every decode step and may raise `StopRequested` to stop (signals); the exception then
     carries the variants final so far as `partial` (a VariantsResult, stop_reason "interrupted").
 
@@ -243,10 +243,12 @@ def expand_variants(
         )  # fmt: skip
 
     try:
-        # After a tree that hit its token budget the model may well have more to give (short
-        # outputs make many equal leaves): top-up rounds still run. A tree that stopped on a
-        # streak of repeats has shown that it has not; one with no room cannot grow one.
-        while stop_reason in ("complete", "budget") and (want := round_size(n, len(kept), rounds, added)):
+        # After a tree that hit its token budget a sampling model may well have more to give
+        # (short outputs make many equal leaves): top-up rounds still run. Not for greedy
+        # decoding, where they could only reorder the same text (post-processing shuffles new
+        # tags by seed); nor after a streak of repeats, nor when the tree had no room.
+        go_on = ("complete", "budget") if request.params is None or request.params.temperature > 0 else ("complete",)
+        while stop_reason in go_on and (want := round_size(n, len(kept), rounds, added)):
             judge = _Judge(n, seen, kept, on_variant)
             before = len(kept)
             # A top-up round is a few variants: independent samples decode them in one pass, where a
