@@ -283,9 +283,9 @@ def _signals_held():
 
     Loading calls back into Python (log lines, progress), and a KeyboardInterrupt raised inside
     a ctypes callback is printed and swallowed: Ctrl-C during a load was lost and the whole run
-    went on. Here the signal is only recorded; `should_stop()` (polled by the load's progress
-    callback) tells llama.cpp to cancel the load when the signal's own handler would end the
-    run anyway, and on the way out the signal goes to the handler that was installed before."""
+    went on. Here the signal is only recorded; the function this yields (polled by the load's
+    progress callback) says to cancel the load when the signal's own handler would end the run
+    anyway, and on the way out the signal goes to the handler that was installed before."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False  # signal handlers belong to the main thread; nothing to hold here
         return
