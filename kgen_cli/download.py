@@ -126,12 +126,13 @@ def _cached_file(spec: ModelSpec) -> Path | None:
 def size_mismatch(spec: ModelSpec, path: Path) -> str | None:
     """What is wrong with a file whose size is not the registry's (a stat, no hashing), or None."""
     try:
-        size = path.stat().st_size
+        return _wrong_size(spec, path.stat().st_size)
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
-    if spec.size is not None and size != spec.size:
-        return f"is {size} bytes, expected {spec.size}"
-    return None
+
+
+def _wrong_size(spec: ModelSpec, size: int) -> str | None:
+    return f"is {size} bytes, expected {spec.size}" if spec.size is not None and size != spec.size else None
 
 
 def _identity(path: Path | None) -> tuple[int, int, int] | None:
@@ -326,10 +327,8 @@ def _check_file(spec: ModelSpec, path: Path, *, delete_bad: bool) -> None:
         stat = real.stat()
     except OSError as exc:
         raise DownloadError(f"{spec.name}: cannot read {path}: {exc.strerror}") from exc
-    problem = None
-    if spec.size is not None and stat.st_size != spec.size:
-        problem = f"is {stat.st_size} bytes, expected {spec.size}"
-    elif spec.sha256 is not None and not _is_verified(real, stat, spec.sha256):
+    problem = _wrong_size(spec, stat.st_size)
+    if problem is None and spec.sha256 is not None and not _is_verified(real, stat, spec.sha256):
         digest = file_sha256(real)
         if digest != spec.sha256:
             problem = f"has sha256 {digest}, expected {spec.sha256}"

@@ -17,11 +17,12 @@ from typing import Literal
 
 # llama.cpp's dist sampler takes a uint32 and treats 0xFFFFFFFF as "pick a random seed";
 # every seed kgen derives stays in [0, SEED_MAX].
+SEED_MAX = 2**32 - 2
+SEED_MODULUS = 2**32 - 1
+
 # The most KV cells kgen asks for: beyond it a cache is tens of GB, and llama.cpp's uint32 fields
 # wrap further up (a GGML_ASSERT abort, or a wrapped size the kernel's OOM killer ends).
 MAX_N_CTX = 1 << 20
-SEED_MAX = 2**32 - 2
-SEED_MODULUS = 2**32 - 1
 
 
 def derive_seed(seed: int, offset: int) -> int:

@@ -192,15 +192,11 @@ def batch(
 
 def _check_output(output: Path, input: str) -> None:
     check_output_file(output, "--output")
-    if not output.exists():
-        return
-    if input != "-":
-        same = os.path.exists(input) and os.path.samefile(output, input)
-    else:  # `kgen batch - -o f < f` would empty f before reading it
-        try:
-            same = os.path.samestat(os.fstat(sys.stdin.fileno()), os.stat(output))
-        except (OSError, ValueError, AttributeError):
-            same = False
+    try:  # stdin too: `kgen batch - -o f < f` would empty f before reading it
+        source = os.fstat(sys.stdin.fileno()) if input == "-" else os.stat(input)
+        same = os.path.samestat(source, os.stat(output))
+    except (OSError, ValueError, AttributeError):  # either does not exist (yet), or no stdin
+        same = False
     if same:
         raise UsageError("the output file is the input file")
 
