@@ -312,6 +312,40 @@ def test_nl_target_on_extended_when_user_nl_is_continued_in_long():
     assert len(result.tag_map["extended"].split(". ")) == 4
 
 
+WITCH = "The witch flies over the town"
+WITCH_DONE = WITCH + " beneath the glowing signs"
+WITCH_REQUEST = dict(tags="5boys, full body, curtains, light rays", nl=WITCH, operation="tag_to_short_to_long",
+                     template=PRESETS["both-generated"])
+MORE = ["A young woman waves both hands", "Lanterns glow", "Rain falls", "A cat watches", "Smoke rises",
+        "Bells ring"]
+
+
+def test_generated_nl_is_filtered_against_the_merged_input():
+    """Issue 19: the model completes the user's unfinished sentence in `short:`, then starts `long:`
+    with the user's original sentence. As in the reference, `generated` is filtered against the
+    input sentences after the merge, so it keeps that sentence: 8 sentences reach very_long's
+    target (8) and the operation needs no retry."""
+    generated = [WITCH, *MORE, "The sky darkens"]
+    model = Model(" beneath the glowing signs.\nlong: " + ". ".join(generated) + ".")
+    result = run(ExpandRequest(**WITCH_REQUEST, nl_length="very_long"), model)
+    assert model.prompts[0].endswith("\nshort: " + WITCH)
+    assert len(model.requests) == 1  # filtered against the pre-merge input, 7 sentences: a retry
+    tm = result.tag_map
+    assert tm["extended"] == WITCH_DONE
+    assert tm["generated"] == ". ".join(generated)
+
+
+def test_a_completed_sentence_is_never_printed_twice():
+    """Issue 19, the mirror case: `long:` repeats the sentence the model completed in `short:`;
+    it counts as input, so the "both-generated" format prints it once."""
+    model = Model(" beneath the glowing signs.\nlong: " + ". ".join([WITCH_DONE, *MORE[:4]]) + ".")
+    result = run(ExpandRequest(**WITCH_REQUEST, nl_length="long"), model)
+    assert len(model.requests) == 1
+    assert result.tag_map["generated"] == ". ".join(MORE[:4])
+    assert result.formatted.count("beneath the glowing signs") == 1
+    assert result.formatted.count(MORE[0]) == 1
+
+
 @pytest.mark.parametrize("operation", ["None", "short_to_tag", "short_to_tag_to_long", "tag_to_long",
                                        "tag_to_long_to_short", "tag_to_short", "tag_to_short_to_long", "long_to_tag"])
 @pytest.mark.parametrize("nl", ["", "A girl."])

@@ -500,6 +500,21 @@ def test_post_fresh_generated_excludes_input_sentences_and_bans_sentences():
     assert r["extended"] == "A girl" and r["generated"] == "She smiles"
 
 
+def test_post_generated_filtered_against_the_merged_input_then_capped():
+    """Issue 19: the user's sentence completed in `short:` replaces it in the input list that
+    `generated` is filtered against; the cap (very_short: 2) then applies to what is left."""
+    parsed = parse_output("tag: 1girl\nshort: The witch flies over the town beneath the signs.\n"
+                          "long: The witch flies over the town. A woman waves. Lanterns glow.")
+    r = run_post(parsed, Operation("tag_to_short_to_long", "very_short", True), nl="The witch flies over the town",
+                 nl_level="very_short")
+    assert r["extended"] == "The witch flies over the town beneath the signs"
+    assert r["generated"] == "The witch flies over the town. A woman waves"
+    parsed = parse_output("tag: 1girl\nshort: The witch flies over the town beneath the signs.\n"
+                          "long: The witch flies over the town beneath the signs. A woman waves.")
+    r = run_post(parsed, Operation("tag_to_short_to_long", "long", True), nl="The witch flies over the town")
+    assert r["generated"] == "A woman waves"
+
+
 def test_post_keeps_parsed_extras():
     parsed = parse_output("aspect_ratio: 1.0\ntarget: <|long|>\ntag: 1girl")
     r = run_post(parsed, Operation(None, "long", True))

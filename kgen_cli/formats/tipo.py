@@ -338,8 +338,11 @@ def _process_tags(parsed: Mapping, before: Mapping, tag_level: str, rng: random.
     return {category: out[category] for category in FIELDS}
 
 
-def _continued_nl(inputs: list[str], text: str, nl_level: str, rng: random.Random, bans) -> str:
-    """The field that holds the input NL: input sentences, then the new ones (§8.1 step 5–6)."""
+def _continued_nl(inputs: list[str], text: str, nl_level: str, rng: random.Random, bans) -> tuple[list[str], str]:
+    """The field that holds the input NL: input sentences, then the new ones (§8.1 step 5–6).
+
+    Returns the input sentences after the merge (the user's last one replaced by the model's
+    completion of it, if any) and the field's text."""
     inputs = list(inputs)
     new = _ban_sentences([s for s in sentences(text) if s not in inputs], bans)
     # The model completed the user's last sentence (K4: only when there is one).
@@ -352,11 +355,15 @@ def _continued_nl(inputs: list[str], text: str, nl_level: str, rng: random.Rando
     cap = TARGET_TIPO_NL_MAX[nl_level]
     if len(inputs) + len(new) > cap:
         new = new[: max(cap - len(inputs), 0)]
-    return ". ".join(_dedupe_exact(inputs + new))
+    return inputs, ". ".join(_dedupe_exact(inputs + new))
 
 
 def _fresh_nl(inputs: list[str], text: str, nl_level: str, bans) -> str:
-    """A field written from scratch next to the input NL: its sentences minus the input ones."""
+    """A field written from scratch next to the input NL: its sentences minus the input ones.
+
+    `inputs` are the input sentences after the merge of `_continued_nl`, as in the reference: a
+    sentence the model completed counts as input (not printed twice by a template showing both
+    fields), while the user's unfinished original no longer does (kept when the model repeats it)."""
     new = _ban_sentences([s for s in sentences(text) if s not in inputs], bans)
     return ". ".join(_dedupe_exact(new[: TARGET_TIPO_NL_MAX[nl_level]]))
 
@@ -370,11 +377,12 @@ def _process_nl(parsed: Mapping, op: Operation, nl: str, user_nl: str, nl_level:
     inputs = sentences(nl)
     if op.nl_key == "long" and inputs and not user_nl.strip():
         # K3: a retry continuing the model's own `long:` text; it stays `generated`.
-        return "", _continued_nl(inputs, generated, nl_level, rng, bans)
+        return "", _continued_nl(inputs, generated, nl_level, rng, bans)[1]
     if generated and user_nl.strip() and not extended.strip():
         # Step 2: the user's NL continued inside `long:` is read back as `extended`.
         extended, generated = generated, ""
-    return _continued_nl(inputs, extended, nl_level, rng, bans), _fresh_nl(inputs, generated, nl_level, bans)
+    merged, extended = _continued_nl(inputs, extended, nl_level, rng, bans)
+    return extended, _fresh_nl(merged, generated, nl_level, bans)
 
 
 def post_process(
