@@ -358,7 +358,8 @@ def _run_dtg(ctx: _Context):
         if output is None:
             break  # the retry prompt has no room left: the last new tags stand
         attempt += 1
-        new = dtg.new_tags(output, ctx.user_map, bans=request.bans)
+        new = dtg.new_tags(output, ctx.user_map, bans=request.bans, extra_quality=request.extra_quality,
+                           extra_special=request.extra_special)
         if set(new) == previous:
             same += 1
             budget += 1  # identical outputs do not use the retry budget

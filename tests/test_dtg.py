@@ -87,6 +87,19 @@ def test_new_tags_deduplicated_against_input_and_banned():
     assert dtg.new_tags(out, m) == ["smile", "gun", "aqua hair"]
 
 
+def test_new_tags_are_in_the_form_merge_keeps():
+    """Issue 19: one tag key; `maid_` is the input's `maid`, `Long_Hair_` is stored as `Long Hair`."""
+    m = tag_map("1girl, maid")
+    out = D1 + "smile, maid_, MAID, Long_Hair_, long  hair, ^_^, score_9"
+    new = dtg.new_tags(out, m)
+    assert new == ["smile", "Long Hair", "^_^", "score_9"]
+    merged = dtg.merge(m, new)
+    assert merged["general"] == ["maid", "smile", "Long Hair", "^_^"] and merged["quality"] == ["score_9"]
+    assert len(m["special"]) + len(m["general"]) + len(new) == sum(map(len, merged.values()))
+    assert dtg.new_tags(D1 + "my_tag", m, extra_special=["my_tag"]) == ["my_tag"]
+    assert dtg.new_tags(D1 + "my_tag", m) == ["my tag"]
+
+
 def test_merge_recategorises_new_tags():
     m = tag_map("1girl, solo, sensitive")
     merged = dtg.merge(m, ["kagamine rin", "smile", "2girls", "absurdres", "solo"])

@@ -483,6 +483,22 @@ def test_dtg_retry_prompt_and_result():
     assert result.operations == []
 
 
+def test_dtg_counts_only_the_tags_it_keeps():
+    """Issue 19: `maid_` is the input tag `maid`, so it is not new: 2 input + 5 new tags stay
+    below very_short's target (8) and the loop retries; the retry prompt writes `hat_` as `hat`."""
+    model = Model(lambda r: r.prompt + "smile, maid_, bow, hat_, skirt, tail", lambda r: r.prompt + ", apron")
+    request = ExpandRequest(tags="1girl, maid", family="dtg", tag_length="very_short", template=TAG_ONLY)
+    result = run(request, model)
+    assert len(model.requests) == 2
+    head = model.prompts[0]
+    retry = model.prompts[1]
+    assert retry.startswith(head) and sorted(retry[len(head):].split(", ")) == ["bow", "hat", "skirt", "smile", "tail"]
+    tm = result.tag_map
+    assert tm["special"] == ["1girl"] and tm["general"][0] == "maid" and "maid_" not in tm["general"]
+    assert len(tm["special"] + tm["general"]) == 8  # the target, counted on what is kept
+    assert sorted(result.new_tags) == ["apron", "bow", "hat", "skirt", "smile", "tail"]
+
+
 def test_dtg_identical_outputs_do_not_use_the_budget():
     model = Model(default="")
     result = run(ExpandRequest(tags="1girl", family="dtg"), model)

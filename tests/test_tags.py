@@ -21,6 +21,7 @@ from kgen_cli.formats.tags import (
     category_of,
     classify,
     split_tags,
+    stored_forms,
 )
 from kgen_cli.paths import package_data
 
@@ -278,6 +279,12 @@ def test_categorize_keeps_order_and_dedupes_every_category():
     assert result["general"] == ["smile", "solo", "long hair"]
     assert result["characters"] == ["hatsune miku"]
     assert result["rating"] == ["general"]
+
+
+def test_categorize_dedupes_by_the_one_tag_key():
+    result = categorize(["long hair", "long  hair", "Long_Hair_", "zq \\(x\\)", "zq (x)"])
+    assert result["general"] == ["long hair", "zq \\(x\\)"]
+    assert stored_forms(["maid_", " ", "Long_Hair", "^_^"]) == ["maid", "Long Hair", "^_^"]
 
 
 def test_categorize_keeps_user_case_and_strips():

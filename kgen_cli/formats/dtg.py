@@ -8,15 +8,18 @@ value starts with `, ` when there are no special tags and ends with `, ` when th
 tags, and a quality-info model with no quality tags gets the line `quality: `.
 
 Departures from the reference: new tags are re-categorised, de-duplicated against the input and
-empty items are dropped (§15); the ban list is a parameter (K6).
+empty items are dropped (§15); the ban list is a parameter (K6); new tags are taken in the form
+categorisation stores (`maid_` -> `maid`) and compared by the one `syntax.tag_key`, so the stop
+rule counts exactly the tags the result keeps and retry prompts never carry the `tag_` form.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from kgen_cli.formats.tags import FIELDS, categorize, split_tags
-from kgen_cli.formats.tipo import LEVELS, dedupe_tags, format_ratio, tag_key
+from kgen_cli.formats.syntax import tag_key
+from kgen_cli.formats.tags import FIELDS, categorize, split_tags, stored_forms
+from kgen_cli.formats.tipo import LEVELS, dedupe_tags, format_ratio
 
 if TYPE_CHECKING:
     from kgen_cli.formats.bans import BanList
@@ -55,10 +58,16 @@ def parse_new_tags(text: str) -> list[str]:
     return dedupe_tags(split_tags(extra))  # newlines split too: a tag never holds a line break
 
 
-def new_tags(text: str, tag_map: Mapping[str, list[str]], *, bans: BanList | None = None) -> list[str]:
-    """The model's new tags in `text`, minus banned tags and tags already in `tag_map` (any category)."""
+def new_tags(text: str, tag_map: Mapping[str, list[str]], *, bans: BanList | None = None,
+             extra_quality: Iterable[str] = (), extra_special: Iterable[str] = ()) -> list[str]:
+    """The model's new tags in `text`, in the form `merge` keeps (`maid_` -> `maid`), minus banned
+    tags and tags already in `tag_map` (any category, compared by `tag_key`).
+
+    Exactly these tags are counted by `passes`, written into the retry prompt and kept by `merge`,
+    so a tag that only differs from an input tag by `_`, case or spacing never counts as new."""
     known = {tag_key(t) for category in FIELDS for t in tag_map.get(category, [])}
-    found = [t for t in parse_new_tags(text) if tag_key(t) not in known]
+    forms = stored_forms(parse_new_tags(text), extra_quality=extra_quality, extra_special=extra_special)
+    found = [t for t in forms if tag_key(t) not in known]
     return list(bans.filter(found)) if bans else found
 
 

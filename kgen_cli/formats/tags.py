@@ -10,7 +10,7 @@ no file, so commands that do not categorise stay fast.
 Decisions (FORMATS.md §15):
 - lookup is case-insensitive (the lists are lower-case); the stored text keeps the user's case;
 - every category is de-duplicated (keep first), special tags included; duplicates are compared
-  case-insensitively;
+  by `syntax.tag_key` (case-insensitive, `_` = space, whitespace collapsed);
 - `questionable` is not a rating tag (reference behaviour): it goes to `general`;
 - user extensions of the quality/special sets (`extra_quality`, `extra_special`) are checked before
   the shipped lists, so they win when a tag is also in a list (explicit user intent).
@@ -23,6 +23,7 @@ import threading
 from typing import Iterable
 
 from kgen_cli.errors import KgenError
+from kgen_cli.formats.syntax import tag_key
 
 SPECIAL: frozenset[str] = frozenset({
     "1girl", "2girls", "3girls", "4girls", "5girls", "6+girls", "multiple girls",
@@ -161,19 +162,32 @@ def category_of(
     return None if field == "general" else field
 
 
+def _classified(
+    tags: Iterable[str], extra_quality: Iterable[str], extra_special: Iterable[str]
+) -> Iterable[tuple[str, str]]:
+    eq, es = _normalise_extra(extra_quality), _normalise_extra(extra_special)
+    for raw in tags:
+        tag = raw.strip()
+        if tag:
+            yield classify(tag, extra_quality=eq, extra_special=es)
+
+
+def stored_forms(
+    tags: Iterable[str], *, extra_quality: Iterable[str] = (), extra_special: Iterable[str] = ()
+) -> list[str]:
+    """Each non-empty tag in the form `categorize` stores it (`maid_` -> `maid`), in order."""
+    return [text for _, text in _classified(tags, extra_quality, extra_special)]
+
+
 def categorize(
     tags: Iterable[str], *, extra_quality: Iterable[str] = (), extra_special: Iterable[str] = ()
 ) -> dict[str, list[str]]:
-    """Split tags into the eight FIELDS (all keys present), input order kept, each de-duplicated."""
-    eq, es = _normalise_extra(extra_quality), _normalise_extra(extra_special)
+    """Split tags into the eight FIELDS (all keys present), input order kept, each de-duplicated
+    by `syntax.tag_key`, the one tag identity every module compares with."""
     result: dict[str, list[str]] = {field: [] for field in FIELDS}
     seen: dict[str, set[str]] = {field: set() for field in FIELDS}
-    for raw in tags:
-        tag = raw.strip()
-        if not tag:
-            continue
-        field, text = classify(tag, extra_quality=eq, extra_special=es)
-        key = text.lower()
+    for field, text in _classified(tags, extra_quality, extra_special):
+        key = tag_key(text)
         if key not in seen[field]:
             seen[field].add(key)
             result[field].append(text)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from kgen_cli.errors import UsageError
+from kgen_cli.formats.syntax import tag_key
 from kgen_cli.formats.tags import FIELDS, categorize, split_tags
 
 if TYPE_CHECKING:
@@ -208,11 +209,6 @@ def _split_list(text: str) -> list[str]:
     `key:` lines (§7.1), and the reference kept such a line break inside a tag ("horns\nfoo"),
     which then reached the next call's prompt, the bans and the output."""
     return split_tags(text)
-
-
-def tag_key(tag: str) -> str:
-    """Identity of a tag for de-duplication: case-insensitive, `_` equal to space."""
-    return tag.strip().casefold().replace("_", " ")
 
 
 def dedupe_tags(tags: Iterable[str]) -> list[str]:
