@@ -1,14 +1,14 @@
 """The DanTagGen (DTG) prompt format: prompt builder, reading the new tags back, the retry prompt
-(FORMATS.md §6, §7.2, §8.2, §9.2).
+as the reference (KGen 0.3.1) defines them; departures are listed in docs/deviations.md.
 
 Pure functions, no model: `kgen_cli.pipeline` runs the retry loop around them.
 
-Kept byte-compatible on purpose (§15; which forms the models prefer is unverified): the `general:`
+Kept byte-compatible on purpose (which forms the models prefer is unverified): the `general:`
 value starts with `, ` when there are no special tags and ends with `, ` when there are no general
 tags, and a quality-info model with no quality tags gets the line `quality: `.
 
 Departures from the reference: new tags are re-categorised, de-duplicated against the input and
-empty items are dropped (§15); the ban list is a parameter (K6); new tags are taken in the form
+empty items are dropped; the ban list is a parameter (K6); new tags are taken in the form
 categorisation stores (`maid_` -> `maid`) and compared by the one `syntax.tag_key`, so the stop
 rule counts exactly the tags the result keeps and retry prompts never carry the `tag_` form.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LEVELS", "TARGET", "INPUT_END", "build_prompt", "parse_new_tags", "retry_prompt", "new_tags", "merge"]
 
-# §3: minimum tag count (input special + general + new) per level.
+# Minimum tag count (input special + general + new) per level.
 TARGET = {"very_short": 8, "short": 16, "long": 32, "very_long": 48}
 INPUT_END = "<|input_end|>"
 EMPTY = "<|empty|>"
@@ -34,7 +34,7 @@ EMPTY = "<|empty|>"
 
 def build_prompt(tag_map: Mapping[str, list[str]], *, level: str = "long", aspect_ratio: float = 1.0,
                  quality_line: bool = False) -> str:
-    """The exact DTG prompt of §6.1 (without BOS). `quality_line` for models trained with quality
+    """The exact DTG prompt (without BOS). `quality_line` for models trained with quality
     info (DanTagGen-delta, -delta-rev2); meta tags are never written."""
 
     def joined(key: str) -> str:
@@ -50,7 +50,7 @@ def build_prompt(tag_map: Mapping[str, list[str]], *, level: str = "long", aspec
 
 def parse_new_tags(text: str) -> list[str]:
     """Tags after the last `<|input_end|>` of an output (prompt + completion): stripped, empties
-    dropped, de-duplicated in order (§7.2). No marker means no new tags."""
+    dropped, de-duplicated in order. No marker means no new tags."""
     text = text.replace("</s>", "").replace("<s>", "")
     if INPUT_END not in text:
         return []
@@ -72,7 +72,7 @@ def new_tags(text: str, tag_map: Mapping[str, list[str]], *, bans: BanList | Non
 
 
 def retry_prompt(output: str, tags: list[str]) -> str:
-    """The next attempt's prompt (§9.2): the echoed prompt up to the first `<|input_end|>`, the
+    """The next attempt's prompt: the echoed prompt up to the first `<|input_end|>`, the
     marker, then `tags` (already shuffled) with no trailing comma."""
     echoed = output.split(INPUT_END, 1)[0]
     return f"{echoed}{INPUT_END}{', '.join(tags)}".strip().replace("  <|", " <|")
@@ -85,6 +85,6 @@ def passes(tag_map: Mapping[str, list[str]], tags: list[str], level: str) -> boo
 
 def merge(tag_map: Mapping[str, list[str]], tags: list[str], *, extra_quality: Iterable[str] = (),
           extra_special: Iterable[str] = ()) -> dict[str, list[str]]:
-    """`tag_map` with `tags` categorised (§2) and appended to their categories, de-duplicated."""
+    """`tag_map` with `tags` categorised and appended to their categories, de-duplicated."""
     added = categorize(list(tags), extra_quality=tuple(extra_quality), extra_special=tuple(extra_special))
     return {c: dedupe_tags(list(tag_map.get(c, [])) + list(added.get(c, []))) for c in FIELDS}

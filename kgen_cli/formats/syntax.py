@@ -1,4 +1,4 @@
-"""A1111 / ComfyUI prompt syntax: weights, BREAK, extra networks (FORMATS.md §11, defect K5).
+"""A1111 / ComfyUI prompt syntax: weights, BREAK, extra networks (defect K5 in docs/deviations.md).
 
 The models see bare tags only. This module parses the user's prompt into an ordered list of items,
 hands out the bare tag texts, and puts weights, BREAK and extra-network tokens back on the output.

@@ -1,13 +1,13 @@
-"""Tag categorisation (FORMATS.md §2).
+"""Tag categorisation: which field of the tag map each tag belongs to.
 
 A tag goes to one of the eight fields of FIELDS. Four categories come from the large shipped lists
-(`kgen_cli/data/tag-lists/*.txt`, ~957k lines); three are the small fixed sets of §2.3.
+(`kgen_cli/data/tag-lists/*.txt`, ~957k lines); three are the small fixed sets below.
 
 The large lists are never loaded into memory: each file is sorted in byte order and searched with a
 binary search over an `mmap` of the file, opened on the first lookup. Importing this module opens
 no file, so commands that do not categorise stay fast.
 
-Decisions (FORMATS.md §15):
+Decisions (see docs/deviations.md, "Tags and their identity"):
 - lookup is case-insensitive (the lists are lower-case); the stored text keeps the user's case;
 - every category is de-duplicated (keep first), special tags included; duplicates are compared
   by `syntax.tag_key` (case-insensitive, `_` = space, whitespace collapsed);
@@ -126,7 +126,7 @@ def _member(category: str, lowered: str) -> bool:
 def classify(
     tag: str, *, extra_quality: frozenset[str] = frozenset(), extra_special: frozenset[str] = frozenset()
 ) -> tuple[str, str]:
-    """(field, stored text) of one stripped tag, by the rules of §2.1.
+    """(field, stored text) of one stripped tag, by the reference's rules.
 
     Each category is tried with the tag as written, then with "_" -> " "; the first hit wins and
     stores the form that hit. `extra_quality` / `extra_special` must be lower-case (see

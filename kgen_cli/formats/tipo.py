@@ -1,9 +1,10 @@
 """The TIPO prompt format: length tables, operations and their plan, the prompt builder, the output
-parser and post-processing (FORMATS.md §3–§9).
+parser and post-processing, as the reference (KGen 0.3.1) defines them.
 
 Pure functions, no model: `kgen_cli.pipeline` runs the retry loop around them.
 
-Where this module departs from the reference (KGen 0.3.1), on purpose:
+Where this module departs from the reference, on purpose (each point, with the reference's
+behaviour and the reason, is in docs/deviations.md under the same label or name):
 
 - K1: `parse_output` removes the exact strings `<s>` / `</s>`; it never strips characters, so an
   output ending in `glasses`, `boss` or `blue eyes` keeps its last `s`.
@@ -16,9 +17,14 @@ Where this module departs from the reference (KGen 0.3.1), on purpose:
   across the attempts of one operation.
 - K4: without input sentences there is no "completed the user's sentence" merge; all are new.
 - K6: the ban list is a parameter and applies to model-written tags and sentences only.
-- §15: the parser accepts only known keys as section starts (an NL line holding a colon stays in its
-  section); special tags are de-duplicated; sentences are counted without empty pieces; the plan
-  never runs the same NL operation twice in a row, and an NL operation always gets the NL level.
+- known keys: the parser accepts only known keys as section starts (an NL line holding a colon
+  stays in its section); tag lines are split on newlines too.
+- input tags, carried categories, de-duplication: the tags an attempt was built from are never
+  dropped; tags the model put in any category are kept; every category is de-duplicated by the
+  one `syntax.tag_key`.
+- sentence count: sentences are counted without empty pieces.
+- plan: the plan never runs the same NL operation twice in a row, and an NL operation always gets
+  the NL level.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
 
 LEVELS = ("very_short", "short", "long", "very_long")
 
-# §3. Units: tags (special + general) for TIPO, sentences for TIPO_NL.
+# Length targets. Units: tags (special + general) for TIPO, sentences for TIPO_NL.
 TARGET_TIPO = {"very_short": 6, "short": 18, "long": 36, "very_long": 54}
 TARGET_TIPO_MAX = {"very_short": 18, "short": 36, "long": 54, "very_long": 72}
 TARGET_TIPO_NL = {"very_short": 1, "short": 2, "long": 4, "very_long": 8}
@@ -55,7 +61,7 @@ OPERATIONS = (
     "long_to_tag",
 )
 
-# Meta lines in prompt order (§5.1); `aspect_ratio` follows them.
+# Meta lines in prompt order; `aspect_ratio` follows them.
 META_KEYS = ("meta", "rating", "artist", "characters", "copyrights", "quality")
 NL_NAMES = {"short": "extended", "long": "generated"}
 KNOWN_KEYS = frozenset(META_KEYS + ("aspect_ratio", "target", "tag") + tuple(NL_NAMES))
@@ -75,7 +81,7 @@ class Operation:
 
     @property
     def order(self) -> tuple[str, ...]:
-        """Content fields in prompt order (§4.1)."""
+        """Content fields in prompt order: the mode split on `_to_`."""
         return tuple(self.mode.split("_to_")) if self.mode else ("tag",)
 
     @property
@@ -95,7 +101,7 @@ class Operation:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plans (§4)
+# Plans
 
 
 def plan(
@@ -109,10 +115,11 @@ def plan(
     tag_first: bool = True,
     extra_nl: bool = True,
 ) -> list[Operation]:
-    """The automatic operation plan of §4.2.
+    """The automatic operation plan, chosen from what the user gave and the switches.
 
-    §15 decisions: an NL operation always gets the NL level, and the extra NL operation is not
-    appended when it equals the last planned one (the reference runs it twice)."""
+    Deviations ("plan" in docs/deviations.md): an NL operation always gets the NL level, and the
+    extra NL operation is not appended when it equals the last planned one (the reference runs it
+    twice)."""
     op = Operation
     if not has_tags and not has_nl:
         ops, extra = [op(None, tag_len, True)], op("tag_to_long", nl_len, True)
@@ -141,7 +148,7 @@ def plan(
 
 
 def single_operation(name: str, tag_len: str, nl_len: str) -> list[Operation]:
-    """The one-operation plan of §4.1: `expand=True`, the NL level unless it ends in `to_tag`."""
+    """The one-operation plan: `expand=True`, the NL level unless it ends in `to_tag` or is None."""
     if name not in OPERATIONS:
         raise UsageError(f"unknown TIPO operation {name!r}; choose one of: {', '.join(OPERATIONS)}")
     mode = None if name == "None" else name
@@ -150,7 +157,7 @@ def single_operation(name: str, tag_len: str, nl_len: str) -> list[Operation]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt (§5)
+# Prompt
 
 
 def format_ratio(aspect_ratio: float) -> str:
@@ -173,7 +180,7 @@ def build_prompt(
     aspect_ratio: float,
     gen_meta: bool = False,
 ) -> str:
-    """The exact TIPO prompt of §5.1 (without BOS).
+    """The exact TIPO prompt (without BOS): meta lines, `aspect_ratio`, `target`, content fields.
 
     `meta` is a tag map (lists or strings); only its META_KEYS are written, in that order.
     `tags` are special + general tags, `nl` the current NL."""
@@ -199,14 +206,14 @@ def build_prompt(
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing (§7.1)
+# Parsing
 
 _SECTION_START = re.compile(r"([^:\n]+):(.*)")
 
 
 def _split_list(text: str) -> list[str]:
     """A list field's items. Split on newlines too: a section runs on over lines that are not
-    `key:` lines (§7.1), and the reference kept such a line break inside a tag ("horns\nfoo"),
+    `key:` lines, and the reference kept such a line break inside a tag ("horns\nfoo"),
     which then reached the next call's prompt, the bans and the output."""
     return split_tags(text)
 
@@ -224,7 +231,7 @@ def dedupe_tags(tags: Iterable[str]) -> list[str]:
 
 
 def _sections(text: str) -> list[tuple[str, str]]:
-    """(key, stripped content) pairs. Only a line starting with a KNOWN key opens a section (§15);
+    """(key, stripped content) pairs. Only a line starting with a KNOWN key opens a section;
     every other line, colon or not, continues the current one. Text before the first key is dropped."""
     sections: list[tuple[str, list[str]]] = []
     for line in text.split("\n"):
@@ -237,7 +244,7 @@ def _sections(text: str) -> list[tuple[str, str]]:
 
 
 def parse_output(text: str, *, extra_quality: Iterable[str] = (), extra_special: Iterable[str] = ()) -> dict:
-    """Read a TIPO output (prompt + completion) back into a tag map (§7.1).
+    """Read a TIPO output (prompt + completion) back into a tag map.
 
     List fields for the meta lines, `target`, `aspect_ratio`, the categories of `tag:` (merged into
     the meta lines of the same name) and `tag` (the raw list); `extended` (`short:`) and `generated`
@@ -264,11 +271,11 @@ def parse_output(text: str, *, extra_quality: Iterable[str] = (), extra_special:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sentences and pass conditions (§8.1 step 5, §9.1)
+# Sentences and pass conditions
 
 
 def sentences(text: str) -> list[str]:
-    """Non-empty sentences of `text` split on `.`, stripped (§15: empty text has none)."""
+    """Non-empty sentences of `text` split on `.`, stripped (empty text has none)."""
     return [part.strip() for part in text.split(".") if part.strip()]
 
 
@@ -277,7 +284,7 @@ def count_sentences(text: str) -> int:
 
 
 def passes(target: str, result: Mapping, level: str) -> bool:
-    """The retry check of §9.1 for `target` ("tag", "short" or "long") at `level`.
+    """The retry check for `target` ("tag", "short" or "long") at `level`.
 
     A `long` target without any generated text is checked on `extended`, as in the reference."""
     if target == "long" and not result.get("generated"):
@@ -291,7 +298,7 @@ def passes(target: str, result: Mapping, level: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Post-processing (§8.1)
+# Post-processing
 
 
 def _dedupe_exact(items: Iterable[str]) -> list[str]:
@@ -335,7 +342,7 @@ def _process_tags(parsed: Mapping, before: Mapping, tag_level: str, rng: random.
 
 
 def _continued_nl(inputs: list[str], text: str, nl_level: str, rng: random.Random, bans) -> tuple[list[str], str]:
-    """The field that holds the input NL: input sentences, then the new ones (§8.1 step 5–6).
+    """The field that holds the input NL: input sentences, then the new ones, shuffled but the last, capped.
 
     Returns the input sentences after the merge (the user's last one replaced by the model's
     completion of it, if any) and the field's text."""
@@ -393,7 +400,7 @@ def post_process(
     rng: random.Random,
     bans: BanList | None = None,
 ) -> dict:
-    """Post-process one parsed attempt (§8.1 with K2, K4, K6 fixed).
+    """Post-process one parsed attempt (K2, K4, K6 fixed).
 
     `before`: the tag map this attempt was built from (its special + general made the `tag:` line);
     `nl`: the NL written into this attempt's prompt; `user_nl`: the NL the operation started with
