@@ -428,6 +428,13 @@ def test_weights_break_and_loras_come_back():
     assert result.formatted.endswith(", <lora:x:0.5>")
 
 
+@pytest.mark.parametrize("tags, expected", [("BREAK BREAK", "BREAK BREAK"), ("BREAK, BREAK BREAK", "BREAK BREAK BREAK")])
+def test_breaks_without_tags_stay_separate(tags, expected):
+    """Issue 20 item 8: an output with no tags once gave `BREAKBREAK`, which A1111 does not read as BREAK."""
+    result = run(ExpandRequest(tags=tags, template=TAG_ONLY, retries=0), Model(""))
+    assert result.formatted == expected
+
+
 def test_nl_weights_come_back_and_the_model_sees_bare_text():
     # Tags + NL, tags not expanded: tag_to_long (NL level), then tag_to_short_to_long.
     model = Model(" She smiles. It rains. Wind blows.", " Extra.")

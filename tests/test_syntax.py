@@ -321,6 +321,17 @@ def test_restore_two_breaks_after_same_tag():
     assert restore("a, b", parsed) == "a, BREAK BREAK b"
 
 
+@pytest.mark.parametrize("source, expected", [
+    ("BREAK BREAK", "BREAK BREAK"),
+    ("BREAK, BREAK BREAK", "BREAK BREAK BREAK"),
+    ("BREAK BREAK <lora:x:1>", "BREAK BREAK <lora:x:1>"),
+    ("gone BREAK BREAK", "BREAK BREAK"),
+])  # fmt: skip
+def test_restore_breaks_on_an_empty_output_stay_separate(source, expected):
+    """Issue 20 item 8: `BREAKBREAK` is not a BREAK to A1111."""
+    assert restore("", parse_prompt(source)) == expected
+
+
 def test_restore_matches_whole_tags_not_substrings():
     parsed = parse_prompt("(hair:1.2), (red:1.1)")
     assert restore("red hair, long hair, hair, red", parsed) == "red hair, long hair, (hair:1.2), (red:1.1)"

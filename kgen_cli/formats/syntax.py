@@ -379,7 +379,7 @@ def restore(text: str, parsed: ParsedPrompt, *, escape_parens: bool = False, nl:
             edits.append((start, end, new))
     for anchor in _break_anchors(parsed, tag_ends):
         if anchor is None:
-            edits.append((0, 0, "BREAK " if text else "BREAK"))
+            edits.append((0, 0, "BREAK "))
         elif text[anchor : anchor + 1] == ",":
             edits.append((anchor + 1, anchor + 1, " BREAK"))
         else:
@@ -389,6 +389,8 @@ def restore(text: str, parsed: ParsedPrompt, *, escape_parens: bool = False, nl:
         out.append(text[pos:start] + new)
         pos = end
     result = "".join(out) + text[pos:]
+    if not text:
+        result = result.rstrip()  # BREAKs alone: "BREAK BREAK", never "BREAKBREAK" (not a BREAK to A1111)
     return _append_extras(result, parsed.extras)
 
 
