@@ -20,6 +20,8 @@ only until the next `step()`/`start()` and can be sampled once, forks only withi
 length, no EOG fed back, samplers used only while alive. Counters: `n_steps`, `tokens_fed`,
 `batch_sizes`, `start_calls`, `prompt_tokens`, `forks`, `frees`, `allocations`, `peak_live`,
 `peak_cells`.
+
+`FakeEngine` wraps one in what kgen_cli.runner needs of an Engine (`fake_tokenize` for text).
 """
 
 from __future__ import annotations
@@ -308,3 +310,23 @@ def make_prompt(n_words: int = 20, seed: int = 0) -> list[int]:
     while len(out) < n_words:
         out += [rng.randrange(FIRST_WORD, 64) for _ in range(rng.randint(2, 4))] + [SEP]
     return out + [NEWLINE]
+
+
+def fake_tokenize(text: str) -> list[int]:
+    """Text -> fake token ids (one per character), ending with a newline like `make_prompt`."""
+    return [3 + (ord(c) % 60) for c in text] + [2]
+
+
+class FakeEngine:
+    """What the runner (`expand_variants`, `run_batch`) needs of an Engine, over the strict fake decoder."""
+
+    def __init__(self, n_seq_max: int = 16, n_ctx: int = 8192):
+        self.decoder = FakeDecoder(max_branches=n_seq_max)
+        self.n_seq_max, self.n_ctx = n_seq_max, n_ctx
+        self.window, self.kv_unified = n_ctx, True
+
+    def branches(self):
+        return self.decoder
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return fake_tokenize(text)

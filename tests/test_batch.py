@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_decoder import FakeDecoder
+from fake_decoder import FakeDecoder, FakeEngine, fake_tokenize
 from kgen_cli import batchjobs, runner
 from kgen_cli.batchio import InputRecord, one_line, read_records
 from kgen_cli.cli import main
@@ -38,25 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------
 # The job runner on the fake decoder
 # ---------------------------------------------------------------------------------------------
-
-
-def fake_tokenize(text: str) -> list[int]:
-    return [3 + (ord(c) % 60) for c in text] + [2]
-
-
-class FakeEngine:
-    """What run_batch needs of an Engine, over the strict fake decoder."""
-
-    def __init__(self, n_seq_max: int = 16, n_ctx: int = 8192):
-        self.decoder = FakeDecoder(max_branches=n_seq_max)
-        self.n_seq_max, self.n_ctx = n_seq_max, n_ctx
-        self.window, self.kv_unified = n_ctx, True
-
-    def branches(self):
-        return self.decoder
-
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return fake_tokenize(text)
 
 
 def defaults(**over) -> dict:
