@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli.sampling import MAX_N_CTX
+from kgen_cli.sampling import MAX_N_CTX, finite_float
 
 GEN = "Generation"
 SAMPLING = "Sampling"
@@ -100,10 +100,10 @@ SeedOpt = Annotated[
     typer.Option("--seed", "-s", min=0, max=2**32 - 2, rich_help_panel=SAMPLING,
                  help="Seed in [0, 4294967294]; same seed, model and version reproduce the output on CPU. \\[default: random, reported with -v and --json]"),
 ]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). \\[default: TIPO 0.35, DTG 0.5]")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, parser=finite_float, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). \\[default: TIPO 0.35, DTG 0.5]")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=SAMPLING, help="Top-p in (0, 1] (1 = off). \\[default: 0.95]")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, rich_help_panel=SAMPLING, help="Top-k (0 = off). \\[default: TIPO 60, DTG 100]")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, rich_help_panel=SAMPLING, help="Min-p (0 = off). \\[default: TIPO 0.1, DTG 0]")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, parser=finite_float, rich_help_panel=SAMPLING, help="Min-p (0 = off). \\[default: TIPO 0.1, DTG 0]")]
 RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel=SAMPLING, help="Repetition penalty over the last 64 tokens, > 0 (1 = off). \\[default: TIPO 1.17, DTG 1.0]")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=SAMPLING, help="New tokens per model call. \\[default: TIPO 512, DTG 256]")]
 VariantsOpt = Annotated[int, typer.Option("--variants", "-n", min=1, max=1024, rich_help_panel=VARIANTS, help="Distinct variants to return, one line each, printed as each one finishes (a multi-line --format is joined with spaces; --json keeps it).")]
@@ -113,5 +113,5 @@ SamplerOpt = Annotated[
                  help="How variants share work: tgts (token-group tree sampling) or independent (shared prompt cache). \\[default: tgts when -n > 1]"),
 ]
 GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", min=1, rich_help_panel=VARIANTS, help="Separators (commas) per token group: TGTS's segments, and the segments independent variants are scored by. \\[default: 4]")]
-ExplorationOpt = Annotated[Optional[float], typer.Option("--exploration", min=0.0, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant. \\[default: 1.0]")]
+ExplorationOpt = Annotated[Optional[float], typer.Option("--exploration", min=0.0, parser=finite_float, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant. \\[default: 1.0]")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Diagnostics on stderr: seed, model, timings, llama.cpp's log.")]

@@ -12,6 +12,7 @@ Temperature 0 means greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -23,6 +24,16 @@ SEED_MODULUS = 2**32 - 1
 # The most KV cells kgen asks for: beyond it a cache is tens of GB, and llama.cpp's uint32 fields
 # wrap further up (a GGML_ASSERT abort, or a wrapped size the kernel's OOM killer ends).
 MAX_N_CTX = 1 << 20
+
+
+def finite_float(text: str) -> float:
+    """A command-line number that must be finite: "nan" and "inf" are "not a number" (they would
+    pass, or fail with a misleading range message, in a `min`/`max` check). The range itself is
+    checked where the value is used (`engine.validate_params`)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a number")
+    return value
 
 
 def derive_seed(seed: int, offset: int) -> int:

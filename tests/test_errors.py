@@ -157,7 +157,12 @@ def test_a_prompt_longer_than_the_context(model_path, family):
         (["--seed", str(2**32 - 1)], "--seed"),
         (["--retries", "-1"], "--retries"),
         (["--retries", "1000"], "retries"),
-        (["--temperature", "-0.5"], "--temperature"),
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        # nan passes a plain range check, or fails it with a misleading bound (issue 20)
+        (["--temperature", "nan"], "nan is not a number"),
+        (["--min-p", "nan"], "nan is not a number"),
+        (["--exploration", "nan", "-n", "2"], "nan is not a number"),
+        (["--exploration", "-1", "-n", "2"], "--exploration must be a number >= 0"),
         (["--top-p", "0"], "top_p"),
         (["--n-ctx", "8"], "--n-ctx"),
         (["--n-ctx", str(2**32)], "--n-ctx"),  # wrapped to 0 in C: a GGML_ASSERT abort
@@ -168,7 +173,7 @@ def test_a_prompt_longer_than_the_context(model_path, family):
         (["-n", "2", "--tree-out", "no/such/dir/tree.json"], "is not a directory"),
         (["-n", "2", "--tree-out", "-"], "needs a file name"),
         (["-n", "2", "--sampler", "independent", "--exploration", "2"], "--exploration is for --sampler tgts"),
-        (["-n", "2", "--exploration", "inf"], "finite"),
+        (["-n", "2", "--exploration", "inf"], "inf is not a number"),
         (["--no-such-option"], "No such option"),
     ],
 )

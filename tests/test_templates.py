@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import os
+
 import pytest
 
 from kgen_cli.errors import UsageError
@@ -328,8 +330,33 @@ def test_resolve_file_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe<|general|>")
     with pytest.raises(UsageError, match="UTF-8"):
         resolve_format(f"@{binary}")
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(UsageError, match="not a regular file"):
         resolve_format(f"@{tmp_path}")  # a directory
+    with pytest.raises(UsageError, match="cannot read"):
+        resolve_format(f"@{tmp_path / 'missing.txt'}")
+
+
+def test_format_file_is_bounded(tmp_path):
+    """@FILE reads a regular file of at most MAX_TEMPLATE_BYTES: a larger one, a device or a
+    fifo is refused before it is read (they used to be read without end, or block forever)."""
+    from kgen_cli.formats.templates import MAX_TEMPLATE_BYTES
+
+    fits = tmp_path / "fits.txt"
+    fits.write_text("<|general|>" + " " * (MAX_TEMPLATE_BYTES - len("<|general|>")), encoding="utf-8")
+    assert resolve_format(f"@{fits}").startswith("<|general|>")
+    big = tmp_path / "big.txt"
+    big.write_text("<|general|>" + " " * MAX_TEMPLATE_BYTES, encoding="utf-8")
+    with pytest.raises(UsageError, match=f"at most {MAX_TEMPLATE_BYTES}"):
+        resolve_format(f"@{big}")
+    for device in ("/dev/zero", "/dev/urandom"):
+        if os.path.exists(device):
+            with pytest.raises(UsageError, match="not a regular file"):
+                resolve_format(f"@{device}")
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)  # no writer: opening it for reading would block
+        with pytest.raises(UsageError, match="not a regular file"):
+            resolve_format(f"@{fifo}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ NL values are expected post-processed, without a final period (the templates add
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,6 +58,10 @@ PRESET_TITLES: dict[str, str] = {
 
 DEFAULT_FORMAT = "oneline"
 
+# The largest --format @FILE kgen reads: a template is a few hundred bytes, so this is room to
+# spare, and a bound on what a mistaken path (a log, a model file) makes kgen read.
+MAX_TEMPLATE_BYTES = 64 * 1024
+
 PLACEHOLDERS: frozenset[str] = frozenset({
     "special", "characters", "copyrights", "artist", "general", "quality", "meta", "rating",
     "extended", "generated", "tag", "target", "aspect_ratio",
@@ -85,17 +91,36 @@ def _validate(template: str, origin: str) -> str:
 
 
 def _read_template_file(path_text: str) -> str:
+    """A template file: a regular file of at most MAX_TEMPLATE_BYTES, UTF-8 (a BOM is dropped).
+
+    Opened without blocking and checked with fstat before a byte is read, so that @/dev/zero,
+    @/dev/stdin or a fifo is refused at once instead of read without end or waited on."""
     if path_text == "-":
         raise UsageError("--format @- (stdin) is not supported: give @FILE, a preset name or a template")
     if not path_text:
         raise UsageError("--format @ needs a file path: @FILE")
     path = Path(path_text).expanduser()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # without a BOM, if an editor wrote one
-    except UnicodeDecodeError:
-        raise UsageError(f"format file {path_text} is not valid UTF-8") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise UsageError(f"cannot read format file {path_text}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"format file {path_text} is not a regular file")
+        if info.st_size > MAX_TEMPLATE_BYTES:
+            raise UsageError(f"format file {path_text} is {info.st_size} bytes; a template has at most {MAX_TEMPLATE_BYTES}")
+        data = os.read(fd, MAX_TEMPLATE_BYTES + 1)  # a file that grew meanwhile is cut here, and refused
+    except OSError as exc:
+        raise UsageError(f"cannot read format file {path_text}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise UsageError(f"format file {path_text} is larger than {MAX_TEMPLATE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8-sig")  # without a BOM, if an editor wrote one
+    except UnicodeDecodeError:
+        raise UsageError(f"format file {path_text} is not valid UTF-8") from None
     return _validate(text[:-1] if text.endswith("\n") else text, f"format file {path_text}")
 
 
