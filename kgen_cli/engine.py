@@ -233,7 +233,8 @@ def _parse_gguf(path: Path, r: _GGUFReader) -> dict[str, Any]:
 
 def check_gguf(path: str | os.PathLike) -> None:
     """Validate a model file before llama.cpp touches it: it exists, is GGUF, its header and tensor
-    table are complete, and llama.cpp knows its architecture. Raises a one-line EngineError."""
+    table are complete, llama.cpp knows its architecture, and the hyperparameters llama.cpp
+    asserts on are sane (`_check_hparams`). Raises a one-line EngineError."""
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
@@ -242,6 +243,64 @@ def check_gguf(path: str | os.PathLike) -> None:
         raise EngineError(f"{path} is a vision projector (architecture 'clip'), not a language model")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise EngineError(f"{path}: architecture '{arch}' is not supported by this llama.cpp build")
+    if problem := _check_hparams(meta, arch):
+        raise EngineError(f"{path}: corrupt model: {problem}")
+
+
+# llama.cpp's LLAMA_MAX_LAYERS and LLAMA_MAX_EXPERTS (src/llama-hparams.h).
+MAX_LAYERS = 512
+MAX_EXPERTS = 512
+# The values llama_rope_scaling_type_from_string knows (src/llama-model.cpp); any other string
+# makes it return UNSPECIFIED, which load_hparams asserts against.
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+_INT32_MAX = 2**31 - 1
+
+
+def _check_hparams(meta: dict[str, Any], arch: str) -> str | None:
+    """The first hyperparameter that would make llama.cpp abort the process (GGML_ASSERT in
+    llama_model's load_hparams, or a division by zero when a graph is built) as "key = value
+    (why)", else None. Only scalar values are checked (per-layer arrays are summarised by the
+    header parser); a missing required key or a wrong type makes llama.cpp fail cleanly, so
+    those are left to it."""
+
+    def uint(key: str, default: int | None = None) -> int | None:
+        value = meta.get(f"{arch}.{key}", default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    def bad(key: str, why: str) -> str:
+        return f"{arch}.{key} = {meta.get(f'{arch}.{key}', 0)!r} ({why})"
+
+    n_ctx_train = uint("context_length")
+    if n_ctx_train is not None and not 0 < n_ctx_train <= _INT32_MAX:
+        return bad("context_length", f"must be in 1..{_INT32_MAX}")
+    n_layer = uint("block_count")
+    if n_layer is not None and not 0 < n_layer <= MAX_LAYERS:
+        return bad("block_count", f"must be in 1..{MAX_LAYERS}")
+    n_embd = uint("embedding_length")
+    if n_embd is not None and n_embd <= 0:
+        return bad("embedding_length", "must be positive")
+    n_expert, n_used = uint("expert_count", 0), uint("expert_used_count", 0)
+    groups, groups_used = uint("expert_group_count", 0), uint("expert_group_used_count", 0)
+    if n_expert > MAX_EXPERTS:
+        return bad("expert_count", f"at most {MAX_EXPERTS}")
+    if n_used > n_expert:
+        return bad("expert_used_count", f"more than expert_count {n_expert}")
+    if n_expert > 0:
+        if n_used == 0:
+            return bad("expert_used_count", f"must be positive with expert_count {n_expert}")
+        if groups >= n_expert:
+            return bad("expert_group_count", f"must be less than expert_count {n_expert}")
+        if groups > 1 and (n_expert % groups or not 0 < groups_used < groups):
+            return bad("expert_group_count", "must divide expert_count, with 0 < expert_group_used_count < it")
+    elif groups:
+        return bad("expert_group_count", "set without experts")
+    n_head, n_head_kv = uint("attention.head_count"), uint("attention.head_count_kv")
+    if n_head is not None and n_head_kv is not None and n_head > 0 and (n_head_kv == 0 or n_head % n_head_kv):
+        return bad("attention.head_count_kv", f"must divide attention.head_count {n_head}")
+    rope = meta.get(f"{arch}.rope.scaling.type")
+    if isinstance(rope, str) and rope not in ROPE_SCALING_TYPES:
+        return f"{arch}.rope.scaling.type = {rope!r} (one of {', '.join(ROPE_SCALING_TYPES)})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +353,13 @@ def _signals_held():
     ends_run = (signal.default_int_handler, signal.SIG_DFL, None)  # None: set outside Python (default)
     for s in previous:
         signal.signal(s, lambda signum, _frame: held.append(signum))
+    def cancelled() -> bool:
+        return bool(held) and previous[held[0]] in ends_run
+
+    # The caller handles the signal itself (it stopped cleanly): it is not delivered on the way out.
+    cancelled.take = lambda: held.pop(0)  # type: ignore[attr-defined]
     try:
-        yield lambda: bool(held) and previous[held[0]] in ends_run
+        yield cancelled
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
@@ -441,30 +505,117 @@ def quantize_model(
     """Quantize a GGUF with llama_model_quantize into `dst`, atomically (temp file + rename).
 
     `allow_requantize` permits an already-quantized source (quality loss; llama.cpp refuses by default).
+
+    llama_model_quantize has no abort callback, and a KeyboardInterrupt raised in its log callback
+    is swallowed (Ctrl-C used to print a traceback and let it finish), so it runs in a child
+    process. SIGINT/SIGTERM are held meanwhile (`_signals_held`); one that would end the run kills
+    the child, removes the partial file and raises EngineError with exit status 128 + signal.
+    Temp files left by runs that were killed outright (SIGKILL) are removed first.
     """
     src, dst = Path(src), Path(dst)
-    if qtype.strip().upper() not in QUANT_TYPES:  # before loading libllama
+    name = qtype.strip().upper()
+    if name not in QUANT_TYPES:  # before any work
         _ftype(None, qtype)
-    ll = _llama()
-    ftype = _ftype(ll, qtype)
     check_gguf(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    params = ll.llama_model_quantize_default_params()
-    params.nthread = max(0, int(threads))
-    params.ftype = ftype
-    params.allow_requantize = bool(allow_requantize)
-    _log_errors.clear()
-    try:
-        rc = ll.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
-        if rc != 0:
-            reason = _last_error()
+    with ExitStack() as stack:
+        stopping = stack.enter_context(_signals_held())
+        stack.callback(tmp.unlink, missing_ok=True)  # runs before a held signal would be delivered
+        try:
+            reason = _run_quantize_child(src, tmp, name, threads, allow_requantize, stopping)
+        except _QuantizeStopped:
+            signum = stopping.take()
+            error = EngineError(f"quantizing {src.name} to {name} was interrupted; the partial file was removed")
+            error.exit_code = 128 + signum
+            raise error from None
+        if reason is not None:
             hint = "the source is already quantized; allow requantizing" if "requantiz" in reason else None
-            raise EngineError(f"quantizing {src.name} to {qtype.upper()} failed: {reason}", hint=hint)
+            raise EngineError(f"quantizing {src.name} to {name} failed: {reason}", hint=hint)
         check_gguf(tmp)
         os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+class _QuantizeStopped(Exception):
+    pass
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Remove `dst`'s temp files whose process is gone (killed mid-quantisation)."""
+    for path in dst.parent.glob(f".{dst.name}.*.tmp"):
+        pid = path.name[len(dst.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but is not ours
+        return True
+    return True
+
+
+def _run_quantize_child(src: Path, tmp: Path, qtype: str, threads: int, allow_requantize: bool,
+                        stopping: Callable[[], bool]) -> str | None:
+    """Run `_quantize_child` in a new Python process; None on success, else llama.cpp's reason.
+    Polls `stopping()` every 0.1 s: when true the child is killed and _QuantizeStopped raised.
+    The child has its own session (a terminal's Ctrl-C reaches only this process, which then
+    kills it) and dies with this process (PR_SET_PDEATHSIG on Linux)."""
+    import subprocess
+    import tempfile
+
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = "import sys; from kgen_cli.engine import _quantize_child; sys.exit(_quantize_child(sys.argv[1:]))"
+    args = [os.fsdecode(src), os.fsdecode(tmp), qtype, str(max(0, int(threads))), str(int(allow_requantize)),
+            str(int(_log_verbose))]
+    with tempfile.TemporaryFile() as out:  # a file, not a pipe: a chatty child can never block on it
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL, stdout=out,
+                                start_new_session=True, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stopping():
+                        raise _QuantizeStopped from None
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        lines = out.read().decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode == 0:
+        return None
+    return lines[-1] if lines else f"the quantizing process ended with status {proc.returncode}"
+
+
+def _quantize_child(argv: list[str]) -> int:
+    """The child of `_run_quantize_child`: quantize, print llama.cpp's reason on failure."""
+    src, tmp, qtype, threads, allow_requantize, verbose = argv
+    if sys.platform.startswith("linux"):
+        try:  # PR_SET_PDEATHSIG = 1: SIGKILL this process when its parent dies
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the parent died before that
+            return 1
+    set_verbose(verbose == "1")
+    ll = _llama()
+    params = ll.llama_model_quantize_default_params()
+    params.nthread = int(threads)
+    params.ftype = _ftype(ll, qtype)
+    params.allow_requantize = allow_requantize == "1"
+    if ll.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)) != 0:
+        print(_last_error(), flush=True)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +637,8 @@ def validate_params(params: SamplingParams, seed: int) -> None:
         raise UsageError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
     if not math.isfinite(params.temperature):
         raise UsageError(f"temperature must be a finite number, got {params.temperature!r}")
+    if params.temperature < 0:
+        raise UsageError(f"temperature must be >= 0 (0 = greedy), got {params.temperature!r}")
     if not 0.0 < params.top_p <= 1.0:
         raise UsageError(f"top_p must be in (0, 1], got {params.top_p!r}")
     if not 0.0 <= params.min_p <= 1.0:
