@@ -7,17 +7,24 @@ at a time and only the results that finished ahead of an earlier one are held ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from kgen_cli.errors import OutputClosed, UsageError
+from kgen_cli.errors import KgenError, OutputClosed, UsageError
 from kgen_cli.sampling import SEED_MAX
 
 LEVELS = ("very_short", "short", "long", "very_long")
+
+# The longest prompt line (or stdin prompt of `kgen expand`) kgen reads, in bytes. A real prompt is
+# well under 10 KB (TIPO's context is 1024 tokens); the bound keeps `kgen batch /dev/zero` or a
+# binary file from growing one "line" without end (and PipeLines' queue of 1024 lines under 256 MB).
+MAX_PROMPT_BYTES = 256 * 1024
 
 # Per-line keys of a JSONL input (besides `id`), each with a check of its JSON value. They are
 # `expand`'s options under their long names (`prompt` is an alias of `tags`); `null` means "not
@@ -48,7 +55,9 @@ LINE_OPTIONS: dict[str, tuple[Any, str]] = {
     "width": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "aspect_ratio": (lambda v: _is_num(v) and v > 0, "a positive number"),
-    "format": (lambda v: isinstance(v, str), "a preset name or a template"),
+    # A data file never names a file for kgen to read: @FILE templates come from the command line.
+    "format": (lambda v: isinstance(v, str) and not v.startswith("@"),
+               "a preset name or a template (@FILE is for the command line only)"),
     "ban": (_check_ban, "a string or a list of strings"),
     "retries": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
     "temperature": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
@@ -96,6 +105,8 @@ def _classify(raw: bytes, number: int) -> tuple[str | None, str | None]:
     The one rule for `read_records` and `count_prompts`."""
     if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte order mark
+    if len(raw.removesuffix(b"\n")) > MAX_PROMPT_BYTES:
+        raise line_too_long(raw, f"line {number}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -112,13 +123,33 @@ def _classify(raw: bytes, number: int) -> tuple[str | None, str | None]:
     return stripped, None
 
 
+def line_too_long(head: bytes, what: str) -> UsageError:
+    """The error for input longer than MAX_PROMPT_BYTES (`head`: its first bytes): the input as a
+    whole is unusable, as no line end is in sight; NUL bytes say it is binary (or UTF-16)."""
+    if b"\x00" in head:
+        return UsageError(f"{what} contains NUL bytes (a UTF-16 file? kgen reads UTF-8)")
+    return UsageError(f"{what} is longer than {MAX_PROMPT_BYTES} bytes; kgen reads one prompt per line")
+
+
+def bounded_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary stream, each cut at MAX_PROMPT_BYTES + 1 bytes: a longer line is
+    yielded as its head (no newline) and ends the iteration, so memory stays bounded whatever
+    the input (`read_records` turns that head into an error)."""
+    while line := stream.readline(MAX_PROMPT_BYTES + 1):
+        yield line
+        if len(line) > MAX_PROMPT_BYTES and not line.endswith(b"\n"):
+            return
+
+
 def read_records(stream: Iterable[bytes | None], input_format: str | None) -> Iterator[InputRecord | None]:
     """Yield one record per prompt line, lazily (a 100k-line input is never held in memory).
 
     Blank lines and lines starting with `#` are skipped and take no index. A line that is not
     UTF-8 (or holds NUL bytes), not valid JSON, or has a bad option still gets its index (so
     seeds and resume stay aligned) and carries the reason in `error`. A None from `stream` ("no
-    line ready yet", see `PipeLines`) is passed on as None."""
+    line ready yet", see `PipeLines`) is passed on as None. A line longer than MAX_PROMPT_BYTES
+    raises UsageError: the input is not a prompt file (`stream` yields at most that much of a
+    line, see `bounded_lines`)."""
     index = 0
     fmt = input_format
     number = 0
@@ -171,6 +202,9 @@ class PipeLines:
                     *lines, pending = pending.split(b"\n")
                     for line in lines:
                         self._queue.put(line + b"\n")
+                if len(pending) > MAX_PROMPT_BYTES:  # no line end in sight: its head, then stop
+                    pending = pending[: MAX_PROMPT_BYTES + 1]
+                    break
             if pending:
                 self._queue.put(pending)
             self._queue.put(self._END)
@@ -206,6 +240,35 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text_problem(value: Any) -> str | None:
+    """What makes a JSON value's text unusable, or None: a lone surrogate (a `\\ud800` escape: no
+    UTF-8 can hold it, so writing it would fail) or NUL (rejected in raw lines too)."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            return "contains a lone surrogate (\\ud800-\\udfff), which is not text"
+        if "\x00" in value:
+            return "contains NUL (\\u0000)"
+    elif isinstance(value, list):
+        return next((p for p in map(_text_problem, value) if p), None)
+    elif isinstance(value, dict):
+        return next((p for p in map(_text_problem, [*value, *value.values()]) if p), None)
+    return None
+
+
+def _scrub(value: Any) -> Any:
+    """`value` with lone surrogates replaced by U+FFFD, so that an error record can show it."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
 def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
     """One prompt line (already stripped) as a record; a bad line gets `error` set."""
     if fmt == "lines":
@@ -213,16 +276,22 @@ def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
     try:
         obj = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
-        return InputRecord(index, number, error=f"invalid JSON ({exc.msg} at column {exc.colno})")
+        # json's messages may end in "at" ("Unterminated string starting at"): one "at" is enough.
+        return InputRecord(index, number, error=f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})")
     except ValueError as exc:  # NaN, Infinity, 1e400: Python's json takes them, JSON does not
         return InputRecord(index, number, error=f"invalid JSON ({exc})")
     except RecursionError:
         return InputRecord(index, number, error="invalid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return InputRecord(index, number, error=f"expected a JSON object, got {type(obj).__name__}")
+    if problem := _text_problem(obj):
+        obj = _scrub(obj)
     record = InputRecord(index, number, id=obj.get("id"))
     fields = {k: v for k, v in obj.items() if k != "id" and v is not None}
     record.fields = fields
+    if problem:
+        record.error = f"a JSON string {problem}"
+        return record
     unknown = sorted(set(obj) - JSONL_KEYS)
     if unknown:
         record.error = f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(JSONL_KEYS))}"
@@ -246,8 +315,14 @@ def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
 
 def count_prompts(path: str) -> int:
     """Prompt lines in a file (the rule of `read_records`), for the progress total."""
+    count = 0
     with open(path, "rb") as fh:
-        return sum(1 for number, raw in enumerate(fh, start=1) if _classify(raw, number) != (None, None))
+        try:
+            for number, raw in enumerate(bounded_lines(fh), start=1):
+                count += _classify(raw, number) != (None, None)
+        except UsageError:  # an overlong line: the batch reports it when it gets there
+            pass
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,15 +395,104 @@ def truncate_partial_line(path: str) -> None:
         fh.truncate(0)
 
 
+class OutputFile:
+    """`kgen batch -o FILE`, opened before the model loads and locked for the whole run.
+
+    The exclusive lock (`fcntl.flock`, taken without waiting) keeps a second kgen from writing or
+    resuming the same file at once, which would interleave both outputs; it is taken before
+    --resume reads the file. Nothing is truncated until `open()` (after the model loaded), and a
+    file that this run created is removed again by `discard()` when the run fails before that.
+    Without fcntl (Windows) there is no lock."""
+
+    def __init__(self, path: str, *, append: bool):
+        self.path, self.append = path, append
+        existed = os.path.lexists(path)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise UsageError(f"cannot write --output {path}: {exc.strerror or exc}") from None
+        self.created = not existed
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise KgenError(f"{path} is being written by another kgen process") from None
+        except OSError:  # a file system without locks: go on without one
+            pass
+
+    def open(self) -> IO[str]:
+        """The file to write to: emptied first unless appending (--resume)."""
+        if not self.append:
+            os.ftruncate(self._fd, 0)
+        return open(self.path, "a", encoding="utf-8", newline="\n")
+
+    def discard(self) -> None:
+        """The run failed before writing: remove the file if this run created it, release it."""
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        self.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def discard_on_error(sink: OutputFile | None) -> Iterator[None]:
+        """`discard()` `sink` (if any) when the block fails: a failed model load leaves no file."""
+        try:
+            yield
+        except BaseException:
+            if sink is not None:
+                sink.discard()
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the lock
+            self._fd = -1
+
+
+def write_whole(out: IO[str], text: str) -> None:
+    """Write `text` completely or not at all: when the write fails (a full disk, a second signal)
+    on a regular file, what it wrote is cut off again, so no partial line is left behind. A
+    stream without a file descriptor (a StringIO) is written the plain way."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        out.write(text)
+        out.flush()
+        return
+    out.flush()
+    data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", getattr(out, "errors", None) or "strict"))
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        start = None
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except BaseException:
+        if start is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+                os.lseek(fd, start, os.SEEK_SET)
+        raise
+
+
 class OrderedWriter:
     """Writes results in input order; holds back the ones that finish early.
 
-    `skip` holds the indices that are already in the output (--resume). Each record is one
-    write and one flush, so a stop between two records never leaves a partial line. Memory is
-    the reorder window only: results that finished while an earlier input was still running."""
+    `skip` holds the indices that are already in the output (--resume). Each record is written
+    whole or not at all (`write_whole`), so neither a stop nor a full disk leaves a partial
+    line. Memory is the reorder window only: results that finished while an earlier input was
+    still running. `name` (default: the stream's) names the output in a write error."""
 
-    def __init__(self, out: IO[str], skip: set[int] | None = None):
+    def __init__(self, out: IO[str], skip: set[int] | None = None, name: str | None = None):
         self.out = out
+        stream_name = getattr(out, "name", None)
+        self.name = name or ("stdout" if stream_name in (None, "<stdout>") else str(stream_name))
         self.skip = set(skip or ())  # a copy: it shrinks as the output moves past it
         self.next_index = 0
         self.pending: dict[int, list[str]] = {}
@@ -354,10 +518,11 @@ class OrderedWriter:
 
     def _write(self, lines: list[str]) -> None:
         try:
-            self.out.write("".join(line + "\n" for line in lines))
-            self.out.flush()
+            write_whole(self.out, "".join(line + "\n" for line in lines))
         except BrokenPipeError:
             raise OutputClosed() from None
+        except OSError as exc:
+            raise KgenError(f"cannot write {self.name}: {exc.strerror or exc}") from None
         self.written += 1
 
     def flush_out_of_order(self) -> int:

@@ -94,7 +94,7 @@ def batch(
     written too, so the file may be out of order; their "index" tells).
     """
     from kgen_cli import batchjobs, runner
-    from kgen_cli.batchio import OrderedWriter, PipeLines, count_prompts, read_records, scan_done
+    from kgen_cli.batchio import OrderedWriter, OutputFile, PipeLines, bounded_lines, count_prompts, read_records, scan_done
     from kgen_cli.commands.expand import build_request, sampler_options
     from kgen_cli.registry import family_note, registry_spec_only, resolve_model
     from kgen_cli.sampling import FAMILY_DEFAULTS
@@ -122,10 +122,13 @@ def batch(
     layers = runner.parse_gpu_layers(gpu_layers)
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
     fmt = output_format.value
-    done = scan_done(str(output), fmt, variants) if resume else set()
+    # Opened and locked now: an unwritable file fails before the model loads, and a second kgen
+    # on the same file is refused before --resume reads it.
+    sink = None if output is None else OutputFile(str(output), append=resume)
+    with OutputFile.discard_on_error(sink):
+        done = scan_done(str(output), fmt, variants) if resume else set()
+        resolved = resolve_model(model, fam, download_missing=True)
     base_seed = runner.random_seed() if seed is None else seed
-
-    resolved = resolve_model(model, fam, download_missing=True)
     if (note := family_note(spec)) and not quiet:  # after the checks: an error stays one line
         info(note)
     context_length = context_length or resolved.n_ctx  # None: the runner's default for a local file
@@ -135,15 +138,16 @@ def batch(
                                            context_length=sizing_length, max_tokens=call_tokens, retries=retries)
     if n_ctx is None:
         n_ctx = batchjobs.batch_n_ctx(parallel, call_tokens, sizing_length, unified=unified)
-    engine, load_seconds = runner.open_engine(runner.EngineConfig(
-        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
-        n_seq_max=parallel, context_length=context_length, kv_unified=unified))
+    with OutputFile.discard_on_error(sink):
+        engine, load_seconds = runner.open_engine(runner.EngineConfig(
+            model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
+            n_seq_max=parallel, context_length=context_length, kv_unified=unified))
     if verbose:
         info(f"model {resolved.name} ({resolved.family}), loaded in {load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
              f"context length {engine.window}, "
              f"{'one shared KV buffer' if engine.kv_unified else 'a KV stream per sequence'}, "
              f"{parallel} parallel sequences, base seed {base_seed}")
-    out = sys.stdout if output is None else open(output, "a" if resume else "w", encoding="utf-8", newline="\n")
+    out = sys.stdout if sink is None else sink.open()
     writer = OrderedWriter(out, skip=done)
     state = _BatchState(fmt, writer, variants, fail_fast, timings)
     stop = SignalStop(watch_stdout=out is sys.stdout)  # `| head`: stop once the reader is gone
@@ -158,7 +162,7 @@ def batch(
                                      sampler=kind, group_size=group_size,
                                      exploration=exploration)
             if regular:
-                lines = stop.watch(stream)
+                lines = stop.watch(bounded_lines(stream))
             else:
                 # A pipe or terminal: never wait on it while there is decoding to do.
                 lines = PipeLines(stream.fileno())
@@ -180,6 +184,8 @@ def batch(
         engine.close()
         if out is not sys.stdout:
             out.close()
+        if sink is not None:
+            sink.close()
         if stream is not sys.stdin.buffer:
             stream.close()
     if verbose and stats is not None:

@@ -25,7 +25,11 @@ PromptArg = Annotated[
 def read_prompt(prompt: str | None) -> str:
     """The argument wins; stdin is read only for '-' or when no argument is given and it is piped."""
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        data = sys.stdin.buffer.read()
+        from kgen_cli.batchio import MAX_PROMPT_BYTES, line_too_long
+
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)  # bounded: `< /dev/zero` is refused, not read
+        if len(data) > MAX_PROMPT_BYTES:
+            raise line_too_long(data, "stdin")
         if data.startswith((b"\xff\xfe", b"\xfe\xff")):
             raise UsageError("stdin is UTF-16; kgen reads UTF-8 (convert it, e.g. with iconv)")
         try:
@@ -191,8 +195,8 @@ def sampler_options(variants: int, sampler, group_size: int | None, exploration:
 
     kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
     if exploration is not None:
-        if not math.isfinite(exploration):
-            raise UsageError("--exploration must be a finite number")
+        if not math.isfinite(exploration) or exploration < 0:
+            raise UsageError("--exploration must be a number >= 0")
         if sampler is not None and sampler.value == "independent":
             raise UsageError("--exploration is for --sampler tgts")
     return (kind, DEFAULT_GROUP_SIZE if group_size is None else group_size,
