@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kgen_cli.errors import UsageError
+from kgen_cli.errors import KgenError, UsageError
 
 
 def kgen_home(create: bool = True) -> Path:
-    """`KGEN_HOME` if set, else the platform config dir (e.g. ~/.config/kgen)."""
+    """`KGEN_HOME` if set, else the platform config dir (e.g. ~/.config/kgen).
+
+    A home that exists but is not a directory (`KGEN_HOME` set to a file), or that cannot be
+    created, is a KgenError naming it."""
     env = os.environ.get("KGEN_HOME")
     if env:
         home = Path(env).expanduser()
@@ -17,8 +20,14 @@ def kgen_home(create: bool = True) -> Path:
         import typer
 
         home = Path(typer.get_app_dir("kgen"))
+    what = "KGEN_HOME" if env else "kgen's home"
+    if home.exists() and not home.is_dir():
+        raise KgenError(f"{what} {home} is not a directory")
     if create:
-        home.mkdir(parents=True, exist_ok=True)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KgenError(f"cannot create {what} {home}: {exc.strerror or exc}") from None
     return home
 
 
@@ -35,3 +44,6 @@ def check_output_file(path: Path, what: str) -> None:
         raise UsageError(f"cannot write {what} {path}: {parent} is not a directory")
     if path.is_dir():
         raise UsageError(f"cannot write {what} {path}: it is a directory")
+    # access() also answers EROFS (a read-only file system) for root, who may write anything else.
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise UsageError(f"cannot write {what} {path}: not writable")

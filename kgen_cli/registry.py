@@ -246,11 +246,36 @@ def load_registry() -> Registry:
     return Registry(models=models, default=default, sources=tuple(sources))
 
 
+def _strict_loader() -> type:
+    """yaml's SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _value in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the constructor below reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}'", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, StrictLoader.construct_mapping)
+    return StrictLoader
+
+
 def _parse(where: str, text: str, *, require_models: bool) -> tuple[str | None, list[ModelSpec]]:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise RegistryError(f"{where}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
@@ -318,6 +343,8 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
         raise fail(f"'repo' must look like owner/name, not '{repo}'")
     if not file.lower().endswith(".gguf"):
         raise fail(f"'file' must be a .gguf file, not '{file}'")
+    if not _is_repo_file(file):
+        raise fail(f"'file' must be a path inside the repository (no leading '/', no '..'), not '{file}'")
     if not _QUANT_RE.fullmatch(quant):
         raise fail(f"'quant' must be an upper-case llama.cpp type such as F16 or Q8_0, not '{quant}'")
     if raw["context_length"] <= 0:
@@ -346,6 +373,13 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
         description=raw.get("description"),
         base=raw.get("base"),
     )
+
+
+def _is_repo_file(file: str) -> bool:
+    """A hub file name: relative, '/'-separated, without '.' or '..' parts that could leave the
+    download directory (huggingface_hub would refuse it only mid-download)."""
+    parts = file.split("/")
+    return "\\" not in file and ":" not in file and all(p not in ("", ".", "..") for p in parts)
 
 
 def _yaml_type(value: object) -> str:
