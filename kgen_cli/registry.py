@@ -28,6 +28,8 @@ from kgen_cli.paths import kgen_home
 
 FAMILIES = ("tipo", "dtg")
 REGISTRY_FILE = "models.yaml"
+# The largest user models.yaml read (the packaged one, ~40 entries, is ~10 KB).
+MAX_REGISTRY_BYTES = 1 << 20
 # One model call's context (prompt + new tokens) is min(context_length, N_CTX_CAP) by default.
 N_CTX_CAP = 2048
 # Quantisation types kgen can make locally from an F16 (or BF16/F32) GGUF: engine.QUANT_TYPES less
@@ -225,6 +227,8 @@ def load_registry() -> Registry:
     user = user_registry_path()
     if user.is_file():
         try:
+            if user.stat().st_size > MAX_REGISTRY_BYTES:
+                raise RegistryError(f"{user}: larger than {MAX_REGISTRY_BYTES} bytes, not a model registry")
             user_text = user.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise RegistryError(f"{user}: cannot be read ({exc})") from exc
