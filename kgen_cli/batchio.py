@@ -243,18 +243,30 @@ def _finite_float(text: str) -> float:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# The deepest nesting a JSONL line may have: options are flat (a `ban` list, an `id`); a deeper
+# value could not be written back in its record without running out of stack.
+MAX_JSON_DEPTH = 32
+_TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
+
+
 def _text_problem(value: Any) -> str | None:
-    """What makes a JSON value's text unusable, or None: a lone surrogate (a `\\ud800` escape: no
-    UTF-8 can hold it, so writing it would fail) or NUL (rejected in raw lines too)."""
-    if isinstance(value, str):
-        if _SURROGATE.search(value):
-            return "contains a lone surrogate (\\ud800-\\udfff), which is not text"
-        if "\x00" in value:
-            return "contains NUL (\\u0000)"
-    elif isinstance(value, list):
-        return next((p for p in map(_text_problem, value) if p), None)
-    elif isinstance(value, dict):
-        return next((p for p in map(_text_problem, [*value, *value.values()]) if p), None)
+    """What makes a JSON line's value unusable, or None: nesting past MAX_JSON_DEPTH, a lone
+    surrogate (a `\\ud800` escape: no UTF-8 can hold it, so writing it would fail) or NUL
+    (rejected in raw lines too)."""
+    todo = [(value, 0)]
+    while todo:  # a loop, not recursion: any nesting json.loads took is walked
+        item, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            return _TOO_DEEP
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return "contains a lone surrogate (\\ud800-\\udfff), which is not text"
+            if "\x00" in item:
+                return "contains NUL (\\u0000)"
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+        elif isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in [*item, *item.values()])
     return None
 
 
@@ -285,6 +297,8 @@ def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
     if not isinstance(obj, dict):
         return InputRecord(index, number, error=f"expected a JSON object, got {type(obj).__name__}")
     if problem := _text_problem(obj):
+        if problem == _TOO_DEEP:
+            return InputRecord(index, number, error=f"invalid JSON ({problem})")
         obj = _scrub(obj)
     record = InputRecord(index, number, id=obj.get("id"))
     fields = {k: v for k, v in obj.items() if k != "id" and v is not None}

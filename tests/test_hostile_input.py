@@ -280,6 +280,17 @@ def test_unwritable_json_text_is_that_lines_error(line, problem):
     assert parse_line(0, 1, r'{"tags": "\ud83d\ude00 x"}', "jsonl").error is None  # a proper pair is fine
 
 
+def test_json_nesting_is_bounded_so_that_the_record_can_be_written():
+    from kgen_cli.batchio import MAX_JSON_DEPTH, parse_line
+
+    def nested(n: int) -> str:
+        return '{"tags": "x", "id": ' + "[" * n + '"a"' + "]" * n + "}"
+
+    assert parse_line(0, 1, nested(MAX_JSON_DEPTH - 1), "jsonl").error is None
+    for n in (MAX_JSON_DEPTH, 990, 100_000):  # json.loads takes 990 levels, not 100000
+        assert "nested" in parse_line(0, 1, nested(n), "jsonl").error
+
+
 def test_json_error_messages_say_at_once():
     from kgen_cli.batchio import parse_line
 
