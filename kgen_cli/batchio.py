@@ -12,10 +12,10 @@ import json
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
+from kgen_cli.console import write_whole
 from kgen_cli.errors import KgenError, OutputClosed, UsageError
 from kgen_cli.sampling import SEED_MAX
 
@@ -466,33 +466,6 @@ class OutputFile:
         if self._fd >= 0:
             os.close(self._fd)  # releases the lock
             self._fd = -1
-
-
-def write_whole(out: IO[str], text: str) -> None:
-    """Write `text` completely or not at all: when the write fails (a full disk, a second signal)
-    on a regular file, what it wrote is cut off again, so no partial line is left behind. A
-    stream without a file descriptor (a StringIO) is written the plain way."""
-    try:
-        fd = out.fileno()
-    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
-        out.write(text)
-        out.flush()
-        return
-    out.flush()
-    data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", getattr(out, "errors", None) or "strict"))
-    try:
-        start = os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    except OSError:
-        start = None
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-    except BaseException:
-        if start is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-                os.lseek(fd, start, os.SEEK_SET)
-        raise
 
 
 class OrderedWriter:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import select
 import stat
 import sys
+from typing import IO
 
 from rich.console import Console
 
@@ -42,12 +44,40 @@ def info(text: str) -> None:
 
 
 def write_result(text: str) -> None:
-    """Write one result to stdout, newline-terminated, flushed (pipes see whole lines)."""
+    """Write one result to stdout, newline-terminated, whole or not at all (`write_whole`)."""
     try:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        sys.stdout.flush()
+        write_whole(sys.stdout, text if text.endswith("\n") else text + "\n")
     except BrokenPipeError:
         raise OutputClosed() from None
+    except OSError as exc:  # a full disk, /dev/full
+        raise KgenError(f"cannot write stdout: {exc.strerror or exc}") from None
+
+
+def write_whole(out: IO[str], text: str) -> None:
+    """Write `text` completely or not at all: when the write fails (a full disk, a second signal)
+    on a regular file, what it wrote is cut off again, so no partial line is left behind. A
+    stream without a file descriptor (a StringIO) is written the plain way."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        out.write(text)
+        out.flush()
+        return
+    out.flush()
+    data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", getattr(out, "errors", None) or "strict"))
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        start = None
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except BaseException:
+        if start is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+                os.lseek(fd, start, os.SEEK_SET)
+        raise
 
 
 def stdout_reader_gone() -> bool:
