@@ -443,6 +443,14 @@ def test_writer_names_a_full_device():
 
 
 @linux_only
+def test_expand_to_a_full_device_names_stdout(isolated_home):
+    with open("/dev/full", "wb") as full:
+        proc = kgen("expand", "1girl", "--show-prompt", "--model", "x.gguf", "--family", "tipo",
+                    home=isolated_home, stdout=full, timeout=60)
+    one_line_error(proc, 1, "cannot write stdout: No space left on device")
+
+
+@linux_only
 def test_writer_leaves_whole_records_when_the_file_cannot_grow(tmp_path):
     """RLIMIT_FSIZE stands in for a full file system: the record that does not fit is cut off."""
     out = tmp_path / "out.jsonl"
