@@ -257,15 +257,18 @@ _INT32_MAX = 2**31 - 1
 
 
 def _check_hparams(meta: dict[str, Any], arch: str) -> str | None:
-    """The first hyperparameter that would make llama.cpp abort the process (GGML_ASSERT in
-    llama_model's load_hparams, or a division by zero when a graph is built) as "key = value
-    (why)", else None. Only scalar values are checked (per-layer arrays are summarised by the
-    header parser); a missing required key or a wrong type makes llama.cpp fail cleanly, so
-    those are left to it."""
+    """The first hyperparameter that would make llama.cpp abort the process (a GGML_ASSERT in
+    llama_model's load_hparams: block, expert and rope scaling values) or that it misreads (a
+    context length of 0 or past INT32_MAX, read back as -1), as "key = value (why)"; else None.
+    KV head counts that cannot divide the head count are named here too (llama.cpp only says
+    that a tensor has the wrong shape). Only scalar values are checked (the header parser
+    summarises arrays); a missing required key or a wrong type makes llama.cpp fail cleanly."""
 
     def uint(key: str, default: int | None = None) -> int | None:
+        """The key's integer value; `default` when it is absent; None when it is something else
+        (a per-layer array: not checked here)."""
         value = meta.get(f"{arch}.{key}", default)
-        return value if isinstance(value, int) and not isinstance(value, bool) else default
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def bad(key: str, why: str) -> str:
         return f"{arch}.{key} = {meta.get(f'{arch}.{key}', 0)!r} ({why})"
@@ -281,11 +284,13 @@ def _check_hparams(meta: dict[str, Any], arch: str) -> str | None:
         return bad("embedding_length", "must be positive")
     n_expert, n_used = uint("expert_count", 0), uint("expert_used_count", 0)
     groups, groups_used = uint("expert_group_count", 0), uint("expert_group_used_count", 0)
-    if n_expert > MAX_EXPERTS:
+    if n_expert is not None and n_expert > MAX_EXPERTS:
         return bad("expert_count", f"at most {MAX_EXPERTS}")
-    if n_used > n_expert:
+    if None in (n_expert, n_used, groups, groups_used):
+        pass  # per-layer arrays: left to llama.cpp
+    elif n_used > n_expert:
         return bad("expert_used_count", f"more than expert_count {n_expert}")
-    if n_expert > 0:
+    elif n_expert > 0:
         if n_used == 0:
             return bad("expert_used_count", f"must be positive with expert_count {n_expert}")
         if groups >= n_expert:

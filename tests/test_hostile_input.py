@@ -248,6 +248,20 @@ def test_check_gguf_names_the_field_llama_cpp_would_abort_on(corrupt_ggufs, name
         check_gguf(corrupt_ggufs[name])
 
 
+def test_sane_and_per_layer_hparams_pass():
+    """No false alarm on real models: a MoE header, grouped experts, per-layer arrays (which the
+    header parser summarises as "<array of N>"), and keys that are absent."""
+    from kgen_cli.engine import _check_hparams
+
+    assert _check_hparams({}, "llama") is None
+    moe = {"x.block_count": 48, "x.context_length": 262144, "x.expert_count": 128, "x.expert_used_count": 8,
+           "x.attention.head_count": 32, "x.attention.head_count_kv": 4, "x.rope.scaling.type": "yarn"}
+    assert _check_hparams(moe, "x") is None
+    assert _check_hparams({**moe, "x.expert_group_count": 8, "x.expert_group_used_count": 4}, "x") is None
+    arrays = {**moe, "x.expert_used_count": "<array of 48>", "x.attention.head_count_kv": "<array of 48>"}
+    assert _check_hparams(arrays, "x") is None
+
+
 @model
 @pytest.mark.parametrize("name", CORRUPT)
 def test_a_corrupt_model_is_one_line_exit_1_not_an_abort(model_path, corrupt_ggufs, isolated_home, name):
