@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -440,7 +441,7 @@ class OutputFile:
 
     def open(self) -> IO[str]:
         """The file to write to: emptied first unless appending (--resume)."""
-        if not self.append:
+        if not self.append and stat.S_ISREG(os.fstat(self._fd).st_mode):  # not /dev/null
             os.ftruncate(self._fd, 0)
         return open(self.path, "a", encoding="utf-8", newline="\n")
 

@@ -364,6 +364,16 @@ def test_second_batch_on_a_locked_output_is_refused_before_touching_it(isolated_
     assert out.read_text() == "from the first writer, mid-li"  # neither emptied nor "repaired"
 
 
+@model
+@linux_only
+def test_output_to_a_device_is_not_truncated_but_written(model_path, isolated_home, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("1girl\ncat\n")
+    assert batch(model_path, isolated_home, str(src), "-o", "/dev/null").returncode == 0
+    proc = batch(model_path, isolated_home, str(src), "-o", "/dev/stdout")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stderr.decode()
+
+
 def test_a_failed_run_leaves_no_output_file_it_created(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "in.txt").write_text("1girl\n")
