@@ -578,7 +578,7 @@ def _run_quantize_child(src: Path, tmp: Path, qtype: str, threads: int, allow_re
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     code = "import sys; from kgen_cli.engine import _quantize_child; sys.exit(_quantize_child(sys.argv[1:]))"
     args = [os.fsdecode(src), os.fsdecode(tmp), qtype, str(max(0, int(threads))), str(int(allow_requantize)),
-            str(int(_log_verbose))]
+            str(int(_log_verbose)), str(os.getpid())]
     with tempfile.TemporaryFile() as out:  # a file, not a pipe: a chatty child can never block on it
         proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL, stdout=out,
                                 start_new_session=True, env=env)
@@ -603,13 +603,13 @@ def _run_quantize_child(src: Path, tmp: Path, qtype: str, threads: int, allow_re
 
 def _quantize_child(argv: list[str]) -> int:
     """The child of `_run_quantize_child`: quantize, print llama.cpp's reason on failure."""
-    src, tmp, qtype, threads, allow_requantize, verbose = argv
+    src, tmp, qtype, threads, allow_requantize, verbose, parent = argv
     if sys.platform.startswith("linux"):
         try:  # PR_SET_PDEATHSIG = 1: SIGKILL this process when its parent dies
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
-        if os.getppid() == 1:  # the parent died before that
+        if os.getppid() != int(parent):  # the parent died before that
             return 1
     set_verbose(verbose == "1")
     ll = _llama()
