@@ -2,7 +2,7 @@
 
   kgen   `python -m kgen_cli batch` on a prompt file: continuous batching, --parallel sequences
          in one llama.cpp context, kgen's default threads
-  peer   what the WebUI/ComfyUI extensions do (shared/reference/PEERS.md §2.1): a process that loads
+  peer   what the WebUI/ComfyUI extensions do (the KGen library's GGUF path): a process that loads
          `llama_cpp.Llama(model, n_ctx=2048, n_gpu_layers=0, verbose=False)` once, with
          llama-cpp-python's default threads (half the CPUs), and calls `create_completion` once
          per prompt, one after another

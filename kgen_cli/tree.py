@@ -2,17 +2,17 @@
 
 Pure Python, no llama_cpp import. Both samplers drive a `BranchDecoder`: a pool of sequence ids
 over one shared KV cache. The engine implements it on llama.cpp's unified KV cache
-(`Engine.branches()`, LLAMA_CPP.md §4-§6): `fork` is a prefix `llama_memory_seq_cp`, `free` is
+(`Engine.branches()`, docs/design.md#engine): `fork` is a prefix `llama_memory_seq_cp`, `free` is
 `llama_memory_seq_rm`, `step` is one `llama_decode` for every sequence fed. Tests and the
 benchmark drive the same code through `tests/fake_decoder.py`.
 
-TGTS (PEERS.md §6) grows a tree whose nodes are *segments*: runs of tokens that end after
+TGTS (the algorithm: docs/design.md#tgts) grows a tree whose nodes are *segments*: runs of tokens that end after
 `group_size` separators, so a node is a group of tags. Leaves (end of generation, or
 `max_tokens`) are the variants. Siblings share their ancestors' KV cells, so a variant only pays
 for the tokens below the point where it branched off; independent sampling pays for every
 token of every variant.
 
-How this differs from the sequential reference (`cg_mcts_sample`, PEERS.md §6.3), and why:
+How this differs from the sequential reference (KGen's `cg_mcts_sample`, docs/design.md#tgts), and why:
 
 - **Parallel.** The reference runs one iteration at a time and decodes one segment at a time.
   Here every iteration that selection allows is started at once (a *job*: a simulation or an
@@ -41,7 +41,7 @@ How this differs from the sequential reference (`cg_mcts_sample`, PEERS.md §6.3
   expansions/simulations are dropped.
 - Each segment gets a fresh sampler chain (its own seed); the path's generated tokens are
   accepted into it first, so the repetition penalty sees the whole text as a single chain would.
-- `value` (sum of back-propagated scores) starts at 0 (PEERS §6.3); the segment's own score is
+- `value` (sum of back-propagated scores) starts at 0, as in the reference; the segment's own score is
   kept apart. A segment whose every token equals its final token scores 0 (the reference divides
   by zero there). The reference bans EOG for the first 4 tokens of a segment; the decoder
   protocol has no token ban, so a segment may end earlier.
@@ -76,8 +76,8 @@ from typing import Any, Protocol
 from kgen_cli.errors import EngineError
 from kgen_cli.sampling import SamplingParams, derive_seed
 
-DEFAULT_GROUP_SIZE = 4  # separators per segment (PEERS §6.1)
-DEFAULT_EXPLORATION = 1.0  # UCT constant c (PEERS §6.3)
+DEFAULT_GROUP_SIZE = 4  # separators per segment (the reference's; docs/design.md#tgts)
+DEFAULT_EXPLORATION = 1.0  # UCT constant c (the reference's default)
 BUDGET_FACTOR = 2  # TGTS stops after n * max_tokens * BUDGET_FACTOR decoded tokens
 NOOP_LIMIT = 1_000  # empty expansions in a row after which the selected node is widened anyway
 ROOT_NOOP_LIMIT = 1_000_000  # the same at the root, where a run of them costs O(1)
@@ -147,7 +147,7 @@ class BranchDecoder(Protocol):
 class Variant:
     tokens: list[int]  # generated tokens, EOG excluded
     text: str
-    score: float  # mean segment score along the path (PEERS §6.2)
+    score: float  # mean segment score along the path (`segment_score`)
     n_decoded: int  # tokens decoded for it that no earlier variant had paid for
     depth: int  # segments from the prompt to the leaf
     finish_reason: str = "stop"  # "stop" (EOG) or "length" (max_tokens)
@@ -172,7 +172,7 @@ class TreeResult:
 
 
 def widening_alpha(depth: int) -> float:
-    """PEERS §6.3: deeper nodes widen more slowly."""
+    """Progressive widening's exponent at `depth`: deeper nodes widen more slowly."""
     return 0.5 ** (1 + math.sqrt(2) ** depth)
 
 
@@ -192,7 +192,7 @@ def uct(value: float, visits: float, parent_visits: float, exploration: float) -
 
 
 def segment_score(tokens: Sequence[int], probs: Sequence[float]) -> float:
-    """PEERS §6.2: (min p + max p + geometric mean p) / 3 over the segment's tokens, skipping
+    """The reference's segment score: (min p + max p + geometric mean p) / 3 over the segment's tokens, skipping
     every token equal to the final one (the separator, or EOG for a leaf)."""
     final = tokens[-1]
     kept = [max(p, 1e-300) for t, p in zip(tokens, probs) if t != final]
@@ -203,7 +203,7 @@ def segment_score(tokens: Sequence[int], probs: Sequence[float]) -> float:
 
 
 class _Group:
-    """The tokens of one segment being sampled, with the PEERS §6.1 stop rule."""
+    """The tokens of one segment being sampled, with the reference's stop rule (docs/design.md#tgts)."""
 
     __slots__ = ("tokens", "probs", "pieces", "separators", "eog")
 
@@ -249,7 +249,7 @@ class _Node:
         self.depth = 0 if parent is None else parent.depth + 1
         self.tokens = tokens
         self.pieces = pieces
-        self.score = score  # the segment's own score (PEERS §6.2)
+        self.score = score  # the segment's own score (`segment_score`)
         self.length = len(tokens) + (parent.length if parent else 0)  # KV positions of the path
         self.gen_len = (len(tokens) + parent.gen_len) if parent else 0  # generated tokens on the path
         self.n_fed = 0  # tokens fed to step() to produce this segment (incl. fork/replay)
@@ -279,8 +279,9 @@ def _widening_visits(node: _Node) -> int:
 
 
 def select(root: _Node, exploration: float) -> list[_Node]:
-    """PEERS §6.3 selection, counting in-flight work: descend through active, unspent children
-    by UCT; stop where the node may still widen or has no such child. Returns root..node."""
+    """The reference's selection (docs/design.md#tgts), counting in-flight work: descend
+    through active, unspent children by UCT; stop where the node may still widen or has no such
+    child. Returns root..node."""
     node, path = root, [root]
     while True:
         open_children = [c for c in node.children if c.active and not c.spent]
@@ -344,7 +345,7 @@ def _path_tokens(node: _Node, start: int) -> list[int]:
 
 
 class _KvCells:
-    """A mirror of the unified KV cache's cell sharing (LLAMA_CPP.md §4, §6): a fork shares the
+    """A mirror of the unified KV cache's cell sharing (docs/design.md#kv-budget): a fork shares the
     parent's first cells, a step appends new cells, a cell lives while a sequence holds it. Lets
     the tree stay inside the context (`max_cells`) and report its peak."""
 
@@ -919,7 +920,7 @@ def tgts_sample(
     max_cells: int | None = None,
     accept: Callable[[Variant], bool] | None = None,
 ) -> TreeResult:
-    """Up to `n` distinct variants by token group tree sampling (PEERS.md §6, module docstring).
+    """Up to `n` distinct variants by token group tree sampling (docs/design.md#tgts, module docstring).
 
     Stops when `n` variants are found ("complete"), when the tree cannot produce more
     ("exhausted"), after `DUPLICATE_STREAK` repeated leaves in a row ("duplicates"), or past

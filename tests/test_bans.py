@@ -1,4 +1,4 @@
-"""Ban list semantics (FORMATS.md K6): whole tag, case-insensitive, _ = space, *, re: prefix."""
+"""Ban list semantics (docs/deviations.md#k6): whole tag, case-insensitive, _ = space, *, re: prefix."""
 
 from __future__ import annotations
 

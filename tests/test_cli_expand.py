@@ -215,7 +215,7 @@ SCHEMA = {
     "calls": [CALL],
     "skipped_calls": [{"operation": str, "attempt": int, "n_prompt_tokens": int}],
 }  # fmt: skip
-DEFAULTS = {  # FORMATS.md §12, with --max-tokens 24 from FAST
+DEFAULTS = {  # the TIPO defaults (docs/design.md#sampling-defaults), with --max-tokens 24 from FAST
     "tipo": {"temperature": 0.35, "top_p": 0.95, "top_k": 60, "min_p": 0.1, "repeat_penalty": 1.17, "max_tokens": 24},
     "dtg": {"temperature": 0.5, "top_p": 0.95, "top_k": 100, "min_p": 0.0, "repeat_penalty": 1.0, "max_tokens": 24},
 }

@@ -1,4 +1,5 @@
-"""DTG format: golden prompts D1–D3 (FORMATS.md §6.2), new-tag parsing (§7.2) and the retry prompt (§9.2)."""
+"""DTG format (docs/design.md#dtg): the reference's exact prompts (D1-D3 here name three worked
+examples, not the formatter deviations), new-tag parsing and the retry prompt."""
 
 from __future__ import annotations
 

@@ -209,7 +209,7 @@ def test_max_tokens_and_length(engine):
 def test_complete_many_equals_complete_and_keeps_input_order(engine):
     """On this CPU build a sequence's logits do not depend on what else is in the batch (checked
     bit-for-bit in test_batch_composition_does_not_change_logits_on_cpu), so the batched results
-    equal the one-at-a-time ones. GPU builds are not bit-reproducible (LLAMA_CPP.md §8.3)."""
+    equal the one-at-a-time ones. GPU builds are not bit-reproducible (docs/design.md#llama-cpp-traps)."""
     reqs = [req(s) for s in range(4)] + [req(7, prompt="masterpiece, 1boy"), req(9, GREEDY, "a cat sitting")]
     many = engine.complete_many(reqs)
     assert [c.text for c in many] == [engine.complete(r).text for r in reqs]

@@ -107,7 +107,7 @@ def test_t2_prompts_carry_the_previous_results():
     head = "rating: safe\nquality: newest\naspect_ratio: 1.0\n"
     assert p[0] == head + "target: <|short|> <|short_to_tag|>\nshort: A girl standing on a hill.\ntag: 1girl, scenery, sunset"
     tag_line = p[1].split("\n")[4]
-    # In a real run the NL is the post-processed one: no final period (§4.3, §8.1).
+    # In a real run the NL is the post-processed one: no final period (docs/design.md#tipo).
     assert p[1] == head + f"target: <|long|> <|tag_to_long|>\n{tag_line}\nlong: A girl standing on a hill"
     assert sorted(tag_line.split(", ")[3:]) == sorted(tags)
     nl = p[2].split("\n")[4]
@@ -119,7 +119,7 @@ def test_t2_prompts_carry_the_previous_results():
 
 def test_t3_nl_only():
     model = Model(".\ntag: 1girl, " + ", ".join(names("c", 60)), " Sun. Moon. Star. Sky.")
-    # The extra NL operation runs because the template wants generated NL (§4.2).
+    # The extra NL operation runs because the template wants generated NL (docs/design.md#tipo).
     request = ExpandRequest(nl="A cat sleeping on a windowsill", tag_length="very_long", template=PRESETS["both-generated"])
     assert first_prompt(request) == "aspect_ratio: 1.0\ntarget: <|very_long|> <|long_to_tag|>\nlong: A cat sleeping on a windowsill"
     result = run(request, model)
@@ -181,7 +181,7 @@ def test_duplicated_nl_operation_runs_once():
 
 
 # ---------------------------------------------------------------------------------------------
-# TIPO: the retry loop (§9.1)
+# TIPO: the retry loop (docs/design.md#tipo)
 
 
 def test_tag_retry_extends_the_previous_result():
@@ -360,7 +360,7 @@ def test_every_single_operation_runs(operation, nl):
 
 
 # ---------------------------------------------------------------------------------------------
-# Seeds and determinism (§13)
+# Seeds and determinism (docs/design.md#sampling-defaults)
 
 
 def test_seed_derivation_per_operation_and_attempt():
@@ -470,7 +470,7 @@ def test_parsed_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# DTG (§9.2)
+# DTG (docs/design.md#dtg)
 
 
 def test_dtg_retry_prompt_and_result():

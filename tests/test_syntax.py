@@ -1,4 +1,4 @@
-"""A1111 prompt syntax: parsing, lossless render, decorate, restore, NL weights (§11, K5)."""
+"""A1111 prompt syntax: parsing, lossless render, decorate, restore, NL weights (docs/deviations.md#k5)."""
 
 from __future__ import annotations
 

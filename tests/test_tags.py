@@ -1,4 +1,4 @@
-"""Tag categorisation (FORMATS.md §2): fixed sets, mmap lists, rules of §2.1, laziness."""
+"""Tag categorisation (docs/design.md#tags): fixed sets, mmap lists, lookup rules, laziness."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from kgen_cli.formats.tags import (
 from kgen_cli.paths import package_data
 
 # ---------------------------------------------------------------------------------------------
-# Fixed sets (§2.3, in full)
+# Fixed sets, in full
 
 
 def test_special_set_exact():

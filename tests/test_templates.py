@@ -1,4 +1,4 @@
-"""Output format templates (FORMATS.md §10): presets byte-exact, rules of §10.2, oneline, resolve."""
+"""Output format templates (docs/design.md#templates): presets byte-exact, rules 1-5, oneline, resolve."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from kgen_cli.formats.templates import (
     wants_extra_nl,
 )
 
-# The JSON strings of FORMATS.md §10.3 / §10.4, copied verbatim.
+# The reference's presets as JSON strings, copied verbatim (kept apart from templates.PRESETS).
 SPEC_JSON = {
     "tag-only": r'"<|special|>, <|characters|>, <|copyrights|>, \n<|artist|>, \n\n<|general|>,\n\n<|quality|>, <|meta|>, <|rating|>"',
     "nl-only": r'"<|extended|>."',
@@ -32,7 +32,7 @@ TREE = "<|special|>, <|characters|>, <|copyrights|>, <|artist|>, <|general|>, <|
 
 NL = "A girl with aqua twintails smiles. She wears a headset"
 
-# §7.1: the parse example.
+# The reference's parse example (docs/design.md#tipo).
 FULL = {
     "special": ["1girl"], "general": ["solo", "twintails", "aqua hair", "long hair", "smile"],
     "characters": ["hatsune miku"], "copyrights": ["vocaloid"], "artist": ["ask (askzy)"],
@@ -139,7 +139,7 @@ def test_both_tag_first_without_nl_leaves_no_lone_period():  # D2
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules of §10.2, one by one
+# Rules 1-5 of docs/design.md#templates, one by one
 
 
 def test_rule1_extended_falls_back_to_generated():
@@ -360,7 +360,7 @@ def test_format_file_is_bounded(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# wants_extra_nl (§4.2)
+# wants_extra_nl (docs/design.md#tipo)
 
 
 @pytest.mark.parametrize(

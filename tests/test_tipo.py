@@ -1,4 +1,4 @@
-"""TIPO format: golden prompts of FORMATS.md §5.2 / §9.1, plans, parser and post-processing (K1–K4)."""
+"""TIPO format: the reference's exact prompts, plans, parser and post-processing (docs/design.md#tipo; K1–K4)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ T2_META = "rating: safe\nquality: newest\naspect_ratio: 1.0\n"
 
 
 # ---------------------------------------------------------------------------------------------
-# Golden prompts (§5.2)
+# Golden prompts (the reference's bytes)
 
 
 def test_t1_plan_and_prompts():
@@ -180,7 +180,7 @@ def test_empty_middle_vs_empty_last_field():
 
 
 # ---------------------------------------------------------------------------------------------
-# Plans (§4) and single operations
+# Plans and single operations (docs/design.md#tipo)
 
 
 @pytest.mark.parametrize(
@@ -192,9 +192,9 @@ def test_empty_middle_vs_empty_last_field():
         ((False, True, True, True, True), [("long_to_tag", "T", True), ("short_to_tag_to_long", "N", False)]),
         ((False, True, True, False, True), [("long_to_tag", "T", False), ("short_to_tag_to_long", "N", False)]),
         ((True, True, False, False, True), [("short_to_tag_to_long", "N", False)]),
-        # §15: the duplicated NL operation runs once.
+        # docs/deviations.md#plan: the duplicated NL operation runs once.
         ((True, True, True, False, True), [("short_to_tag", "T", True), ("short_to_tag_to_long", "N", False)]),
-        # §15: tag_to_long gets the NL level; the repeated operation runs once.
+        # docs/deviations.md#plan: tag_to_long gets the NL level; the repeated operation runs once.
         ((True, True, False, True, True), [("tag_to_long", "N", True), ("tag_to_short_to_long", "N", False)]),
         ((True, True, True, True, True),
          [("short_to_tag", "T", True), ("tag_to_long", "N", True), ("short_to_tag_to_long", "N", False)]),
@@ -250,7 +250,7 @@ def test_tables():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing (§7.1)
+# Parsing (docs/design.md#tipo)
 
 PARSE_EXAMPLE = """quality: masterpiece
 meta: absurdres
@@ -310,7 +310,7 @@ def test_parse_tag_categories_merge_with_meta_lines():
     r = parse_output("rating: safe\ncharacters: hatsune miku\ntarget: <|long|>\ntag: 1girl, 1girl, explicit, kagamine rin, smile")
     assert r["rating"] == ["safe", "explicit"]
     assert r["characters"] == ["hatsune miku", "kagamine rin"]
-    assert r["special"] == ["1girl"]  # de-duplicated (§15)
+    assert r["special"] == ["1girl"]  # de-duplicated (docs/deviations.md#dedupe-categories)
     assert r["general"] == ["smile"]
 
 
@@ -352,7 +352,7 @@ def test_passes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Post-processing (§8.1)
+# Post-processing (docs/design.md#tipo)
 
 
 def run_post(parsed, op, *, before=None, nl="", user_nl=None, tag_level="long", nl_level="long", seed=1, bans=None):
@@ -522,7 +522,7 @@ def test_post_keeps_parsed_extras():
 
 
 def test_parse_example_rendered_with_both_tag_first():
-    """§7.1: the parsed example through the "Both, tag first" preset, NL as post-processing leaves it."""
+    """The reference's parse example through the "Both, tag first" preset, NL as post-processing leaves it."""
     from kgen_cli.formats.templates import PRESETS, apply_format
 
     r = parse_output(PARSE_EXAMPLE)
@@ -537,7 +537,7 @@ def test_parse_example_rendered_with_both_tag_first():
 
 
 def test_a_tag_never_holds_a_line_break():
-    # A line that is not a known `key:` continues the tag section (§7.1); its items are tags of
+    # A line that is not a known `key:` continues the tag section (docs/deviations.md#known-keys); its items are tags of
     # their own, so the user's own tag is recognised again and de-duplicated.
     out = parse_output("tag: 1girl, dragon horns, Ai-Kai 2017\ndragon horns\nauthor: Tzara, 10\n```\nlong: A girl.")
     assert out["tag"] == ["1girl", "dragon horns", "Ai-Kai 2017", "dragon horns", "author: Tzara", "10", "```"]

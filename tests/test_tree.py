@@ -65,7 +65,7 @@ def node(parent=None, *, visits=0, value=0.0, active=True, spent=False):
     return n
 
 
-# ---------------------------------------------------------------- rules (PEERS.md §6)
+# ---------------------------------------------------------------- rules (docs/design.md#tgts)
 
 PEERS_TABLE = {  # depth -> allowed children for visits 1, 2, 5, 10, 50, 100, 1000, 10000
     0: [2, 2, 3, 3, 4, 5, 8, 15],

@@ -1,4 +1,4 @@
-"""The ban list: one documented semantics for every model family (FORMATS.md K6).
+"""The ban list: one documented semantics for every model family (docs/deviations.md#k6).
 
 Patterns (each `--ban` value may hold several, separated by commas):
 - a plain pattern matches a **whole tag**, case-insensitively, with `_` equal to a space and runs of

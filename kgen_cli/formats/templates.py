@@ -1,13 +1,14 @@
-"""Output format templates (FORMATS.md §10).
+"""Output format templates (docs/design.md#templates).
 
 A template is text with `<|key|>` placeholders, filled from the final tag map by `apply_format`.
 The reference presets are kept byte for byte under short CLI names; `oneline` (the CLI default)
 is kgen's own: one line, so that pipes stay line-oriented.
 
-`apply_format` follows the rules of §10.2 in order, with three documented additions:
-- D1 (§15 quirk): with no `extended` text, a template that also has `<|generated|>` (the
-  "Both + generated NL" preset) does not print the generated NL twice: `<|extended|>` and a `.` or
-  `,` right after it are dropped instead of being turned into `<|generated|>`.
+`apply_format` follows the reference's rules in order (docs/design.md#templates), with three
+documented additions (docs/deviations.md#d1 to #d3):
+- D1: with no `extended` text, a template that also has `<|generated|>` (the "Both + generated
+  NL" preset) does not print the generated NL twice: `<|extended|>` and a `.` or `,` right after
+  it are dropped instead of being turned into `<|generated|>`.
 - D2: an NL placeholder whose text is empty takes a `.` right after it along (the reference leaves
   a lone `.`, e.g. the whole output of "NL only" with no NL is `.`).
 - D3: a one-line template gives one line: newlines inside values become spaces.
@@ -15,7 +16,8 @@ Other small robustness points: a placeholder missing from the map counts as empt
 with it, rule 2, instead of being left behind by rule 3); whitespace-only strings and empty list
 items count as empty.
 
-NL values are expected post-processed, without a final period (the templates add it; §15).
+NL values are expected post-processed, without a final period (the templates add it;
+docs/deviations.md#nl-rendering).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ _TAGS_HEAD = "<|special|>, <|characters|>, <|copyrights|>, \n<|artist|>, \n\n"
 _TAGS_TAIL = "<|quality|>, <|meta|>, <|rating|>"
 
 PRESETS: dict[str, str] = {
-    # §10.3, byte-exact (lines 1 and 2 end with a space).
+    # The WebUI presets, byte-exact (lines 1 and 2 end with a space).
     "tag-only": _TAGS_HEAD + "<|general|>,\n\n" + _TAGS_TAIL,
     "nl-only": "<|extended|>.",
     "both-tag-first": _TAGS_HEAD + "<|general|>,\n\n<|extended|>.\n\n" + _TAGS_TAIL,
     "both-nl-first": _TAGS_HEAD + "<|extended|>.\n\n<|general|>,\n\n" + _TAGS_TAIL,
     "both-generated": _TAGS_HEAD + "<|generated|>.\n\n<|general|>,\n\n<|extended|>.\n\n" + _TAGS_TAIL,
-    # §10.4: the ComfyUI node default (lines 1-3 end with a space) and the tree-sampler line.
+    # The ComfyUI node default (lines 1-3 end with a space) and the tree-sampler line.
     "comfyui": "<|special|>, \n<|characters|>, <|copyrights|>, \n<|artist|>, \n\n<|general|>,\n\n<|extended|>.\n\n"
     + _TAGS_TAIL,
     "tree": "<|special|>, <|characters|>, <|copyrights|>, <|artist|>, <|general|>, " + _TAGS_TAIL,
@@ -47,7 +49,7 @@ PRESETS: dict[str, str] = {
     "oneline": "<|special|>, <|characters|>, <|copyrights|>, <|artist|>, <|general|>, <|extended|>. " + _TAGS_TAIL,
 }
 
-# The reference UI names of the presets (WebUI dropdown, §10.3), also accepted by resolve_format.
+# The reference UI names of the presets (the WebUI dropdown), also accepted by resolve_format.
 PRESET_TITLES: dict[str, str] = {
     "tag only (dtg mode)": "tag-only",
     "nl only (tag to nl)": "nl-only",
@@ -152,7 +154,7 @@ def _as_text(value: Any, single_line: bool) -> str:
 
 
 def apply_format(tag_map: Mapping[str, Any], template: str) -> str:
-    """Fill `template` from `tag_map` by the rules of §10.2 (plus D1-D3, see the module doc)."""
+    """Fill `template` from `tag_map` by the reference's rules 1-5 (docs/design.md#templates) plus D1-D3."""
     single_line = "\n" not in template
     keys = list(_ORDER) + [k for k in tag_map if k not in PLACEHOLDERS]
     values = {key: _as_text(tag_map.get(key), single_line) for key in keys}
@@ -180,5 +182,5 @@ def apply_format(tag_map: Mapping[str, Any], template: str) -> str:
 
 
 def wants_extra_nl(template: str, has_user_nl: bool) -> bool:
-    """Whether the format needs an extra NL pass (§4.2)."""
+    """Whether the format needs an extra NL pass (the automatic plan, docs/design.md#tipo)."""
     return (not has_user_nl and "<|extended|>" in template) or "<|generated|>" in template
