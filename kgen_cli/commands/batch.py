@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli import options as o
+from kgen_cli.commands import _options as o
 from kgen_cli.console import err_console, info, require_open, stderr_is_tty
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.paths import check_output_file

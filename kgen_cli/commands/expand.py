@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli import options as o
+from kgen_cli.commands import _options as o
 from kgen_cli.console import info, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.paths import check_output_file
