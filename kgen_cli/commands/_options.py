@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli.sampling import MAX_N_CTX, finite_float
+from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, MIN_CONTEXT_LENGTH, MIN_N_CTX, SEED_MAX, finite_float
 
 GEN = "Generation"
 SAMPLING = "Sampling"
@@ -49,11 +49,11 @@ GpuLayersOpt = Annotated[
 ]
 NCtxOpt = Annotated[
     Optional[int],
-    typer.Option("--n-ctx", min=64, max=MAX_N_CTX, rich_help_panel=ENGINE, help="KV cells shared by all sequences. \\[default: 4096, more for -n]"),
+    typer.Option("--n-ctx", min=MIN_N_CTX, max=MAX_N_CTX, rich_help_panel=ENGINE, help="KV cells shared by all sequences. \\[default: 4096, more for -n]"),
 ]
 ContextLengthOpt = Annotated[
     Optional[int],
-    typer.Option("--context-length", min=16, max=MAX_N_CTX, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. \\[default: the registry's context_length, 1024 for a local file]"),
+    typer.Option("--context-length", min=MIN_CONTEXT_LENGTH, max=MAX_N_CTX, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. \\[default: the registry's context_length, 1024 for a local file]"),
 ]
 ThreadsOpt = Annotated[
     Optional[int],
@@ -97,7 +97,7 @@ EscapeOpt = Annotated[
 ]
 SeedOpt = Annotated[
     Optional[int],
-    typer.Option("--seed", "-s", min=0, max=2**32 - 2, rich_help_panel=SAMPLING,
+    typer.Option("--seed", "-s", min=0, max=SEED_MAX, rich_help_panel=SAMPLING,
                  help="Seed in [0, 4294967294]; same seed, model and version reproduce the output on CPU. \\[default: random, reported with -v and --json]"),
 ]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, parser=finite_float, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). \\[default: TIPO 0.35, DTG 0.5]")]
