@@ -60,22 +60,21 @@ def make_inputs(n: int) -> list[str]:
     return out
 
 
-def request_options(family: str, max_tokens: int, plan: str) -> dict:
+def request_options(max_tokens: int, plan: str):
     """kgen's expand options: one call per prompt, or the family's full plan (operations, retries)."""
+    from kgen_cli.options import GenerationOptions
+
     one = plan == "one-call"
-    return dict(nl="", family=family, quality_line=False, tag_length="long", nl_length="long", operation=None,
-                width=None, height=None, aspect_ratio=None, ban=None, retries=0 if one else None,
-                format_="tag-only" if one else "oneline", escape_parens=False, temperature=None, top_p=None,
-                top_k=None, min_p=None, repeat_penalty=None, max_tokens=max_tokens)
+    return GenerationOptions(retries=0 if one else None, format="tag-only" if one else "oneline",
+                             max_tokens=max_tokens)
 
 
 def tipo_prompts(inputs: list[str], family: str, max_tokens: int) -> list[str]:
     """The exact first-call prompt kgen builds for each input (what the peer gets too)."""
-    from kgen_cli.commands.expand import build_request
     from kgen_cli.pipeline import first_prompt
 
-    opts = request_options(family, max_tokens, "one-call")
-    return [first_prompt(build_request(text, **opts)) for text in inputs]
+    opts = request_options(max_tokens, "one-call")
+    return [first_prompt(opts.request(text, family=family)) for text in inputs]
 
 
 PEER_CONTEXT_LENGTH = 1024  # kgen_cli.runner.DEFAULT_CONTEXT_LENGTH
@@ -84,14 +83,13 @@ PEER_CONTEXT_LENGTH = 1024  # kgen_cli.runner.DEFAULT_CONTEXT_LENGTH
 def peer_full_plan(llm, job) -> dict:
     """The peers' whole expand per prompt (KGen's plan and retry loop), every model call through
     create_completion one after another; llama-cpp-python reuses the cached prompt prefix."""
-    from kgen_cli.commands.expand import build_request
     from kgen_cli.pipeline import run_expand
     from kgen_cli.sampling import Completion
 
-    opts = request_options(job["family"], job["max_tokens"], "full")
+    opts = request_options(job["max_tokens"], "full")
     texts, tokens, calls = [], 0, 0
     for i, text in enumerate(job["inputs"]):
-        expand = run_expand(build_request(text, **opts), job["seed"] + i)
+        expand = run_expand(opts.request(text, family=job["family"]), job["seed"] + i)
         try:
             req = next(expand)
             while True:

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from kgen_cli.console import write_whole
 from kgen_cli.errors import KgenError, OutputClosed, UsageError
@@ -297,6 +297,21 @@ def parse_line(index: int, number: int, text: str, fmt: str) -> InputRecord:
         return InputRecord(index, number, error="invalid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return InputRecord(index, number, error=f"expected a JSON object, got {type(obj).__name__}")
+    return _record(index, number, obj)
+
+
+def record_from(index: int, item: Any) -> InputRecord:
+    """A record from the Python API: a tag string, or a mapping with a JSONL line's keys
+    (checked as a line is); `line` is index + 1."""
+    if isinstance(item, str):
+        item = {"tags": item}
+    if isinstance(item, Mapping):
+        return _record(index, index + 1, dict(item))
+    return InputRecord(index, index + 1, error=f"expected tags (a string) or a mapping of options, got {type(item).__name__}")
+
+
+def _record(index: int, number: int, obj: dict) -> InputRecord:
+    """A JSONL object's record: bad text, unknown keys and values of the wrong type set `error`."""
     if problem := _text_problem(obj):
         if problem == _TOO_DEEP:
             return InputRecord(index, number, error=f"invalid JSON ({problem})")

@@ -14,29 +14,27 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from kgen_cli.console import debug_enabled
 from kgen_cli.errors import KgenError, StopRequested, UsageError
-from kgen_cli.pipeline import run_expand
-from kgen_cli.runner import keep_distinct, round_size
-from kgen_cli.sampling import derive_seed
+from kgen_cli.options import GenerationOptions
+from kgen_cli.pipeline import call_totals, run_expand
+from kgen_cli.runner import DEFAULT_N_CTX, DEFAULT_N_CTX_MAX, keep_distinct, round_size
+from kgen_cli.samplers import TOP_UP_SAMPLER, sampler_named
+from kgen_cli.sampling import derive_seed, validate_params
+from kgen_cli.tree import DEFAULT_EXPLORATION, DEFAULT_GROUP_SIZE
 from kgen_cli.scheduler import Scheduler
-
-# Per-line JSONL keys that are not `build_request` keyword arguments under the same name.
-_LINE_KEYS = {"format": "format_"}
 
 # KV cells budgeted per concurrent sequence beyond its max_tokens: room for the prompt. A TIPO
 # first prompt is ~30-150 tokens; retries and later operations carry the previous output, so
 # they need more and may then run a little less parallel (they wait for cells, never fail).
 PROMPT_CELLS = 256
-MIN_N_CTX = 4096
 # A new prompt that starts with this many tokens of a live one forks it instead of decoding them
 # again: TIPO prompts share a ~20-token header ("aspect_ratio: ...\ntarget: ...\ntag: ").
 SHARE_PREFIX = 8
-MAX_N_CTX = 65536
 
 
 def use_kv_streams(*, trees: bool, context_length: int, max_tokens: int, retries: int | None) -> bool:
@@ -66,7 +64,7 @@ def batch_n_ctx(parallel: int, max_tokens: int, context_length: int, *, unified:
     else:
         want = parallel * (-(-context_length // 256) * 256)
     want = -(-want // 256) * 256
-    return max(MIN_N_CTX, min(MAX_N_CTX, want))
+    return max(DEFAULT_N_CTX, min(DEFAULT_N_CTX_MAX, want))
 
 
 @dataclass
@@ -173,23 +171,15 @@ def _group(rec, request, seed: int | None, jobs: int, started: float) -> dict:
 
 
 def _timings(results, started: float) -> dict:
-    calls = [c for r in results for c in r.calls]
-    return {
-        "model_calls": len(calls),
-        "prompt_tokens": sum(c.n_prompt_tokens for c in calls),
-        "generated_tokens": sum(c.n_tokens for c in calls),
-        "prompt_seconds": round(sum(c.prompt_seconds for c in calls), 4),
-        "generate_seconds": round(sum(c.generate_seconds for c in calls), 4),
-        "wall_seconds": round(time.perf_counter() - started, 4),
-    }
+    totals = call_totals([c for r in results for c in r.calls])
+    return dict(totals, wall_seconds=round(time.perf_counter() - started, 4))
 
 
-def line_request(rec, defaults: dict, base_seed: int):
-    """(ExpandRequest, seed) for one record: the command's options with the line's own on top.
+def line_request(rec, defaults: GenerationOptions, base_seed: int, *, family: str = "tipo",
+                 quality_line: bool = False):
+    """(ExpandRequest, seed) for one record: the command's options with the line's own on top
+    (a line's aspect ratio replaces the command's, whichever way either was given).
     Raises UsageError for a bad line."""
-    from kgen_cli.commands.expand import build_request
-    from kgen_cli.engine import validate_params
-
     if rec.error:
         raise UsageError(rec.error)
     fields = dict(rec.fields)
@@ -197,25 +187,12 @@ def line_request(rec, defaults: dict, base_seed: int):
     if seed is None:
         seed = derive_seed(base_seed, rec.index)
     text = fields.pop("tags", "")
-    kwargs = dict(defaults)
-    # A line's own aspect ratio replaces the command's, whichever way either was given.
-    if "width" in fields:
-        kwargs["aspect_ratio"] = None
-    if "aspect_ratio" in fields:
-        kwargs["width"] = kwargs["height"] = None
-    if isinstance(fields.get("ban"), str):
-        fields["ban"] = [fields["ban"]]
-    for key, value in fields.items():
-        kwargs[_LINE_KEYS.get(key, key)] = value
-    try:
-        request = build_request(text, **kwargs)
-    except (TypeError, ValueError) as exc:  # a value of the right JSON type that still makes no sense
-        raise UsageError(str(exc)) from None
+    request = defaults.updated(fields).request(text, family=family, quality_line=quality_line)
     validate_params(request.params, seed)
     return request, seed
 
 
-def run_batch(engine, records: Iterable, defaults: dict, base_seed: int, **kw) -> BatchStats:
+def run_batch(engine, records: Iterable, defaults: GenerationOptions, base_seed: int, **kw) -> BatchStats:
     """`BatchRun(engine, defaults, base_seed, **kw).run(records)`."""
     return BatchRun(engine, defaults, base_seed, **kw).run(records)
 
@@ -223,8 +200,8 @@ def run_batch(engine, records: Iterable, defaults: dict, base_seed: int, **kw) -
 class BatchRun:
     """Expand records concurrently (continuous batching) on one engine.
 
-    `on_done(rec, result, error)` fires once per record as it finishes (in finishing order, not
-    input order). Record i uses the seed `base_seed + i` unless it sets its own; variant v of it
+    `results(records)` yields (rec, result, error) once per record as it finishes (in finishing
+    order, not input order); `run(records)` hands them to `on_done` instead. Record i uses the seed `base_seed + i` unless it sets its own; variant v of it
     uses `derive_seed(seed, v)`, as `kgen expand -n N --sampler independent` does, and the N
     variants' identical first prompts share their KV cells. Variants that format to the same line
     are replaced by further rounds (variants N, N+1, ...; `runner.round_size`) as slots free up,
@@ -232,26 +209,31 @@ class BatchRun:
     `check()` runs before every decode step and may raise to stop the batch. `records` may yield
     None while `busy()` ("no input ready yet"): the requests in flight go on decoding.
 
-    `sampler="tgts"` with variants > 1: each record's variants come from one TGTS tree
-    (`runner.expand_variants`), records one at a time; `group_size` and `exploration` tune it.
+    A tree sampler (`samplers`, e.g. "tgts") with variants > 1: each record's variants come from
+    one tree (`runner.expand_variants`), records one at a time; `group_size` and `exploration`
+    tune it. `family` and `quality_line` say how every record's request is built.
 
     `result` is {"variants": [ExpandResult, ...] (duplicates removed), "n", "duplicates", "seed",
     "tokens", "timings"}.
     """
 
-    def __init__(self, engine, defaults: dict, base_seed: int, *, variants: int = 1, parallel: int = 16,
-                 on_done: Callable[[Any, dict | None, BaseException | None], None],
-                 check: Callable[[], None] | None = None, sampler: str = "independent",
-                 group_size: int = 4, exploration: float = 1.0):
+    def __init__(self, engine, defaults: GenerationOptions, base_seed: int, *, family: str = "tipo",
+                 quality_line: bool = False, variants: int = 1, parallel: int = 16,
+                 on_done: Callable[[Any, dict | None, BaseException | None], None] | None = None,
+                 check: Callable[[], None] | None = None, sampler: str = TOP_UP_SAMPLER,
+                 group_size: int = DEFAULT_GROUP_SIZE, exploration: float = DEFAULT_EXPLORATION):
         from kgen_cli.runner import tokenizer
 
         self.defaults, self.base_seed, self.variants, self.on_done = defaults, base_seed, variants, on_done
+        self.line_options = {"family": family, "quality_line": quality_line}
         self.engine, self.check = engine, check
-        self.trees = sampler == "tgts" and variants > 1
+        self.sampler = sampler
+        self.trees = sampler_named(sampler).tree and variants > 1
         self.tree_options = {"group_size": group_size, "exploration": exploration}
         self.stats = BatchStats()
         self._groups: dict[int, dict] = {}  # records in flight: their variants' results so far
         self._top_ups: deque[tuple[int, int]] = deque()  # (record index, variant) of further rounds
+        self._ended: deque[tuple[Any, dict | None, BaseException | None]] = deque()  # records finished, not yet handed out
         self.scheduler = Scheduler(_Instrumented(engine.branches(), self.stats, check), tokenizer(engine),
                                    n_ctx=engine.n_ctx, parallel=min(parallel, engine.n_seq_max),
                                    # separate KV streams: a fork copies a whole stream, too dear for a header
@@ -263,18 +245,35 @@ class BatchRun:
         return self.scheduler.busy
 
     def run(self, records: Iterable) -> BatchStats:
+        """Run every record; `on_done` fires as each one finishes (inside the decode step that
+        ends it, so that it may raise to stop the batch before anything else is admitted)."""
+        with closing(self._results(records, self.on_done)) as ended:
+            for rec, result, error in ended:
+                self.on_done(rec, result, error)
+        return self.stats
+
+    def results(self, records: Iterable) -> Iterator[tuple[Any, dict | None, BaseException | None]]:
+        """Run every record, yielding (record, result, error) as each one finishes (finishing
+        order). Closing the iterator early stops the batch and releases its sequences."""
+        return self._results(records, None)
+
+    def _results(self, records: Iterable, sink: Callable | None):
+        """Finished records go to `sink` at once, or (None) are yielded after their step."""
         if self.trees:
-            return self._run_trees(records)
+            yield from self._run_trees(records)
+            return
+        self._finished = sink or (lambda *item: self._ended.append(item))
         stats, scheduler = self.stats, self.scheduler
         try:
-            scheduler.run(self._jobs(records), self._on_result)
+            for _ in scheduler.steps(self._jobs(records), self._on_result):
+                while self._ended:
+                    yield self._ended.popleft()
         finally:
             stats.tokens_decoded = scheduler.stats.tokens_decoded
             stats.generated_tokens = scheduler.stats.generated_tokens
             stats.prompt_tokens_shared = scheduler.stats.prompt_tokens_shared
-        return stats
 
-    def _run_trees(self, records: Iterable) -> BatchStats:
+    def _run_trees(self, records: Iterable):
         """-n N with TGTS: one record at a time, its N variants from one token-group tree (the
         tree's branches are the batch), as `kgen expand -n N` makes them."""
         from kgen_cli.runner import expand_variants
@@ -292,22 +291,20 @@ class BatchRun:
             stats.records += 1
             started = time.perf_counter()
             try:
-                request, seed = line_request(rec, self.defaults, self.base_seed)
+                request, seed = line_request(rec, self.defaults, self.base_seed, **self.line_options)
                 with _record_errors():
-                    out = expand_variants(self.engine, request, self.variants, seed, sampler="tgts",
+                    out = expand_variants(self.engine, request, self.variants, seed, sampler=self.sampler,
                                           check=before_step, **self.tree_options)
             except KgenError as exc:
                 stats.failed += 1
-                self.on_done(rec, None, exc)
+                yield rec, None, exc
                 continue
             stats.model_calls += sum(len(v.calls) for v in out.variants)
             stats.tokens_decoded += out.tokens_decoded
             generated = sum(c.n_tokens for v in out.variants for c in v.calls)
             stats.generated_tokens += generated
-            self.on_done(rec, {"variants": out.variants, "n": self.variants, "duplicates": out.duplicates,
-                               "seed": seed, "tokens": generated,
-                               "timings": _timings(out.variants, started)}, None)
-        return stats
+            yield rec, {"variants": out.variants, "n": self.variants, "duplicates": out.duplicates,
+                        "seed": seed, "tokens": generated, "timings": _timings(out.variants, started)}, None
 
     def _jobs(self, records):
         stats, groups, variants = self.stats, self._groups, self.variants
@@ -319,7 +316,7 @@ class BatchRun:
             stats.records += 1
             started = time.perf_counter()
             try:
-                request, seed = line_request(rec, self.defaults, self.base_seed)
+                request, seed = line_request(rec, self.defaults, self.base_seed, **self.line_options)
             except UsageError as exc:
                 groups[rec.index] = _group(rec, None, None, 1, started)
                 yield (rec.index, 0), _failing(exc)
@@ -342,7 +339,7 @@ class BatchRun:
             yield (index, v), _guarded(run_expand(group["request"], derive_seed(group["seed"], v)))
 
     def _on_result(self, key, value, error) -> None:
-        stats, groups, on_done, variants = self.stats, self._groups, self.on_done, self.variants
+        stats, groups, variants = self.stats, self._groups, self.variants
         index, v = key
         group = groups[index]
         group["left"] -= 1
@@ -367,9 +364,9 @@ class BatchRun:
         del groups[index]
         if group["error"] is not None:
             stats.failed += 1
-            on_done(group["rec"], None, group["error"])
+            self._finished(group["rec"], None, group["error"])
             return
         timings = _timings(results, group["started"])
-        on_done(group["rec"], {"variants": kept, "n": variants, "duplicates": group["duplicates"],
-                               "seed": group["seed"], "tokens": timings["generated_tokens"], "timings": timings},
-                None)
+        self._finished(group["rec"], {"variants": kept, "n": variants, "duplicates": group["duplicates"],
+                                      "seed": group["seed"], "tokens": timings["generated_tokens"],
+                                      "timings": timings}, None)

@@ -23,18 +23,21 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kgen_cli.console import err_console
-from kgen_cli.errors import DownloadError, EngineError
+from kgen_cli.errors import DownloadError, EngineError, ModelNotFoundError
 from kgen_cli.paths import kgen_home
+from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
 from kgen_cli.registry import (
-    LOCAL_QUANT_TYPES,
-    QUANTIZABLE_SOURCES,
     ModelSpec,
     Registry,
+    ResolvedModel,
     derive_quantized,
+    existing_file,
+    registry_spec_only,
     user_registry_path,
 )
 
@@ -150,6 +153,43 @@ def _recorded_local_file(spec: ModelSpec) -> Path | None:
         return None
     path = Path(str(entry.get("path", "")))
     return path if path.is_file() else None
+
+
+# --- --model to a file on disk -------------------------------------------------------------------
+
+
+def resolve_model(model: str | None, family: str | None, *, download_missing: bool = False) -> ResolvedModel:
+    """`--model`/`--family` to a GGUF on disk. `model` is a registry name (None: the default),
+    `NAME@QTYPE`, or a path to a local .gguf. A registry model that is not on disk raises
+    ModelNotFoundError with the `kgen models download` hint, unless `download_missing` fetches it
+    (never with HF_HUB_OFFLINE set)."""
+    return locate(registry_spec_only(model, family), download_missing=download_missing)
+
+
+def locate(resolved: ResolvedModel, *, download_missing: bool = False, quiet: bool = False) -> ResolvedModel:
+    """A model from `registry.registry_spec_only` with its file on disk (fetched when
+    `download_missing` and not offline; `quiet`: without the hub's progress bars), so that a run
+    resolves its model once and looks its file up once."""
+    if resolved.spec is None:  # a local path
+        path = existing_file(resolved.name)
+        return replace(resolved, name=str(path), path=path)
+    if resolved.path is not None:
+        return resolved
+    spec = resolved.spec
+    path = local_path(spec)
+    if path is None:
+        if download_missing and not is_offline():
+            path = download(spec, quiet=quiet)
+        else:
+            raise not_downloaded(spec.name)
+    return replace(resolved, path=path)
+
+
+def not_downloaded(name: str) -> ModelNotFoundError:
+    hint = f"run: kgen models download {name}"
+    if is_offline():
+        hint = f"HF_HUB_OFFLINE is set; unset it, then {hint}"
+    return ModelNotFoundError(f"model '{name}' is not downloaded", hint=hint)
 
 
 # --- downloads ----------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kgen_cli.errors import EngineError, UsageError
-from kgen_cli.sampling import MAX_N_CTX, SEED_MAX, Completion, CompletionRequest, SamplingParams
+from kgen_cli.quant import QUANT_TYPES
+from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, Completion, CompletionRequest, SamplingParams, validate_params
 
 # The decoder protocol's value types live with the tree sampler (pure Python); the engine is its
 # llama.cpp implementation and raises / returns exactly these.
@@ -50,8 +51,6 @@ __all__ = [
 if TYPE_CHECKING:
     from types import ModuleType
 
-# llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h): no context can hold more live sequence ids.
-MAX_SEQ = 256
 
 # llama.cpp rounds the context up to a multiple of 256 cells (src/llama-context.cpp:290) *after*
 # clamping n_batch to the unrounded n_ctx; we round first so that n_batch == the real n_ctx.
@@ -489,12 +488,6 @@ def devices() -> list[dict]:
     return out
 
 
-# Quantization types offered by `quantize_model`: the LLAMA_FTYPE_* that need no importance matrix
-# (IQ1/IQ2/IQ3_XXS and Q2_K_S make llama_model_quantize fail without one).
-QUANT_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
-    "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
-)  # fmt: skip
 
 
 def _ftype(ll: ModuleType | None, qtype: str) -> int:
@@ -634,28 +627,6 @@ def live_sampler_count() -> int:
     return _live_samplers
 
 
-def validate_params(params: SamplingParams, seed: int) -> None:
-    """Reject values llama.cpp would misread (seed 0xFFFFFFFF = random) or that make no sense."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise UsageError(f"seed must be an integer in [0, {SEED_MAX}], got {seed!r}")
-    if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) or params.max_tokens <= 0:
-        raise UsageError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
-    if not math.isfinite(params.temperature):
-        raise UsageError(f"temperature must be a finite number, got {params.temperature!r}")
-    if params.temperature < 0:
-        raise UsageError(f"temperature must be >= 0 (0 = greedy), got {params.temperature!r}")
-    if not 0.0 < params.top_p <= 1.0:
-        raise UsageError(f"top_p must be in (0, 1], got {params.top_p!r}")
-    if not 0.0 <= params.min_p <= 1.0:
-        raise UsageError(f"min_p must be in [0, 1], got {params.min_p!r}")
-    if params.top_k < 0:
-        raise UsageError(f"top_k must be >= 0 (0 = off), got {params.top_k!r}")
-    if not (math.isfinite(params.repeat_penalty) and params.repeat_penalty > 0):
-        raise UsageError(f"repeat_penalty must be > 0, got {params.repeat_penalty!r}")
-    if params.penalty_last_n < 0:  # llama.cpp's sampler reads -1 as 0 (off), not "whole context"
-        raise UsageError(f"penalty_last_n must be >= 0, got {params.penalty_last_n!r}")
-
-
 def sampler_chain(params: SamplingParams, seed: int, *, n_vocab: int = 0) -> Any:
     """Build the C chain penalties -> top_k -> top_p -> min_p -> temp -> dist(seed) (stages that
     are disabled are left out; temperature <= 0 is greedy). Returns the raw `llama_sampler *`;
@@ -781,9 +752,9 @@ class Engine:
         reads every used cell, masked), which is much faster for many long, unrelated sequences
         (kgen batch), but forks copy whole streams and partial copies do not exist (the tree
         needs the unified cache)."""
-        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= MAX_SEQ:
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= MAX_SEQUENCES:
             # llama.cpp returns NULL for > 256; validating gives the user the reason.
-            raise UsageError(f"n_seq_max must be in [1, {MAX_SEQ}], got {n_seq_max!r}")
+            raise UsageError(f"n_seq_max must be in [1, {MAX_SEQUENCES}], got {n_seq_max!r}")
         if not isinstance(n_ctx, int) or not 0 <= n_ctx <= MAX_N_CTX:
             # A uint32 in C: larger values wrap (a GGML_ASSERT abort, or a huge allocation).
             raise UsageError(f"n_ctx must be in [0, {MAX_N_CTX}] (0 = the model's training context), got {n_ctx!r}")

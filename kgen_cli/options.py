@@ -1,117 +1,217 @@
-"""Option aliases shared by `kgen expand` and `kgen batch`, so help text and types stay identical."""
+"""The typed options of a run, validated in one place.
+
+`GenerationOptions` holds what shapes one expand (NL, lengths, operation, aspect ratio, format,
+bans, retries, sampling); `GenerationOptions.request(tags, family=...)` validates them into the
+`pipeline.ExpandRequest` a job runs. `EngineOptions` holds what opens a model (model, family, GPU
+layers, context sizes, threads); `EngineOptions.checked()` validates them. `VariantOptions` holds
+how N variants of one prompt share work. `kgen expand`, `kgen batch` (its options and each JSONL
+line's own) and the Python API all build these, so a bad value gets the same message everywhere.
+
+Values may be plain strings or the command layer's str Enums (`Level.long`). Import-light: the
+format, ban and pipeline modules are imported when a request is built.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Any, Mapping
 
-import typer
-
-from kgen_cli.sampling import MAX_N_CTX, finite_float
-
-GEN = "Generation"
-SAMPLING = "Sampling"
-OUTPUT = "Output"
-ENGINE = "Model and engine"
-VARIANTS = "Variants"
+from kgen_cli.errors import UsageError
+from kgen_cli.sampling import MAX_N_CTX, MIN_CONTEXT_LENGTH, MIN_N_CTX, validate_params
+from kgen_cli.tree import DEFAULT_EXPLORATION, DEFAULT_GROUP_SIZE
 
 
-class Level(str, Enum):
-    very_short = "very_short"
-    short = "short"
-    long = "long"
-    very_long = "very_long"
+
+def _text(value: Any) -> Any:
+    """A str Enum's value (the command layer's choices), anything else unchanged."""
+    return value.value if isinstance(value, Enum) else value
 
 
-class Family(str, Enum):
-    tipo = "tipo"
-    dtg = "dtg"
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything that shapes one expand except its tags and seed. None: the family's default.
+
+    Field names are the CLI's long options (`--tag-length` -> `tag_length`; `--format` ->
+    `format`) and the keys of a `kgen batch` JSONL line."""
+
+    nl: str = ""
+    tag_length: str = "long"
+    nl_length: str = "long"
+    operation: str | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: float | None = None
+    ban: tuple[str, ...] | list[str] | str | None = None
+    retries: int | None = None
+    format: str = "oneline"
+    escape_parens: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
+    def updated(self, overrides: Mapping[str, Any]) -> GenerationOptions:
+        """These options with `overrides` on top (None values ignored). A new aspect ratio
+        replaces the old one whichever way either was given (width/height or aspect_ratio).
+        Unknown names raise UsageError."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if unknown := sorted(set(overrides) - self.names()):
+            raise UsageError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(self.names()))}")
+        base = self
+        if "width" in overrides or "height" in overrides:
+            base = replace(base, aspect_ratio=None)
+        if "aspect_ratio" in overrides:
+            base = replace(base, width=None, height=None)
+        return replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def request(self, tags: str, *, family: str, quality_line: bool = False):
+        """Validate into a `pipeline.ExpandRequest` (UsageError on bad input)."""
+        from kgen_cli.formats.bans import BanList
+        from kgen_cli.formats.templates import resolve_format
+        from kgen_cli.pipeline import ExpandRequest, validate
+        from kgen_cli.sampling import FAMILY_DEFAULTS
+
+        ratio = _aspect_ratio(self.width, self.height, self.aspect_ratio)
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise UsageError("--max-tokens must be a positive number of tokens")
+        if family not in FAMILY_DEFAULTS:
+            from kgen_cli.pipeline import FAMILIES
+
+            raise UsageError(f"unknown model family {family!r}; expected {' or '.join(FAMILIES)}")
+        params = FAMILY_DEFAULTS[family].with_overrides(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens,
+        )
+        validate_params(params, 0)  # what llama.cpp would refuse, before a model is loaded
+        bans = [self.ban] if isinstance(self.ban, str) else list(self.ban or [])
+        try:  # a value of the right type that still makes no sense (a JSONL line's, say)
+            request = ExpandRequest(
+                tags=tags, nl=self.nl, family=family, tag_length=_text(self.tag_length),
+                nl_length=_text(self.nl_length), operation=self.operation, aspect_ratio=ratio,
+                template=resolve_format(self.format), bans=BanList.parse(bans), retries=self.retries,
+                params=params, quality_line=quality_line, escape_parens=self.escape_parens,
+            )
+        except (TypeError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        validate(request)
+        return request
 
 
-class SamplerKind(str, Enum):
-    tgts = "tgts"
-    independent = "independent"
+def _aspect_ratio(width: int | None, height: int | None, aspect_ratio: float | None) -> float:
+    if (width is None) != (height is None):
+        raise UsageError("--width and --height go together")
+    if width is not None and aspect_ratio is not None:
+        raise UsageError("give either --width/--height or --aspect-ratio, not both")
+    if width is not None:
+        if width <= 0 or height <= 0:
+            raise UsageError("--width and --height must be positive")
+        return width / height
+    if aspect_ratio is not None and aspect_ratio <= 0:
+        raise UsageError("--aspect-ratio must be positive")
+    return 1.0 if aspect_ratio is None else aspect_ratio
 
 
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", envvar="KGEN_MODEL", rich_help_panel=ENGINE,
-                 help="Registry name (kgen models list) or path to a local .gguf. \\[default: the registry's default]"),
-]
-FamilyOpt = Annotated[
-    Optional[Family],
-    typer.Option("--family", rich_help_panel=ENGINE, help="Prompt format for the model: tipo or dtg (needed for an unknown local .gguf)."),
-]
-GpuLayersOpt = Annotated[
-    str,
-    typer.Option("--gpu-layers", rich_help_panel=ENGINE,
-                 help="Layers to offload: N, 'all', or 'auto' (all when llama.cpp has GPU offload, else 0)."),
-]
-NCtxOpt = Annotated[
-    Optional[int],
-    typer.Option("--n-ctx", min=64, max=MAX_N_CTX, rich_help_panel=ENGINE, help="KV cells shared by all sequences. \\[default: 4096, more for -n]"),
-]
-ContextLengthOpt = Annotated[
-    Optional[int],
-    typer.Option("--context-length", min=16, max=MAX_N_CTX, rich_help_panel=ENGINE, help="Most tokens one model call spans, prompt included; a retry whose prompt leaves no room is not made. \\[default: the registry's context_length, 1024 for a local file]"),
-]
-ThreadsOpt = Annotated[
-    Optional[int],
-    typer.Option("--threads", min=1, rich_help_panel=ENGINE, help="CPU threads. \\[default: llama.cpp's]"),
-]
-NlOpt = Annotated[
-    str, typer.Option("--nl", rich_help_panel=GEN, help="Natural-language prompt (TIPO): alone or with tags."),
-]
-TagLengthOpt = Annotated[Level, typer.Option("--tag-length", rich_help_panel=GEN, help="Target tag count level.")]
-NlLengthOpt = Annotated[Level, typer.Option("--nl-length", rich_help_panel=GEN, help="Target NL length level (TIPO).")]
-OperationOpt = Annotated[
-    Optional[str],
-    typer.Option("--operation", rich_help_panel=GEN,
-                 help="Run one TIPO operation instead of the automatic plan: None, short_to_tag, short_to_tag_to_long, "
-                      "tag_to_long, tag_to_long_to_short, tag_to_short, tag_to_short_to_long, long_to_tag."),
-]
-WidthOpt = Annotated[Optional[int], typer.Option("--width", rich_help_panel=GEN, help="Image width (with --height) for the aspect ratio.")]
-HeightOpt = Annotated[Optional[int], typer.Option("--height", rich_help_panel=GEN, help="Image height (with --width).")]
-AspectOpt = Annotated[
-    Optional[float],
-    typer.Option("--aspect-ratio", "--ar", rich_help_panel=GEN, help="Width / height, e.g. 0.7. \\[default: 1.0]"),
-]
-BanOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--ban", rich_help_panel=GEN,
-                 help="Never add this tag (repeatable, or comma-separated). Whole tag, case-insensitive, _ = space, "
-                      "* wildcard; 're:PATTERN' for a regular expression. Your own tags are never removed."),
-]
-RetriesOpt = Annotated[
-    Optional[int],
-    typer.Option("--retries", min=0, max=999, rich_help_panel=GEN, help="Retries to reach the length target; 0 disables. \\[default: TIPO 10, DTG 20]"),
-]
-FormatOpt = Annotated[
-    str,
-    typer.Option("--format", "-f", rich_help_panel=OUTPUT,
-                 help="Output template: a preset (oneline, tag-only, nl-only, both-tag-first, both-nl-first, "
-                      "both-generated, comfyui, tree), a literal template with <|field|> markers, or @FILE."),
-]
-EscapeOpt = Annotated[
-    bool, typer.Option("--escape-parens", rich_help_panel=OUTPUT, help="Write ( ) in tags as \\( \\) for A1111/ComfyUI."),
-]
-SeedOpt = Annotated[
-    Optional[int],
-    typer.Option("--seed", "-s", min=0, max=2**32 - 2, rich_help_panel=SAMPLING,
-                 help="Seed in [0, 4294967294]; same seed, model and version reproduce the output on CPU. \\[default: random, reported with -v and --json]"),
-]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, parser=finite_float, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). \\[default: TIPO 0.35, DTG 0.5]")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=SAMPLING, help="Top-p in (0, 1] (1 = off). \\[default: 0.95]")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, rich_help_panel=SAMPLING, help="Top-k (0 = off). \\[default: TIPO 60, DTG 100]")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, parser=finite_float, rich_help_panel=SAMPLING, help="Min-p (0 = off). \\[default: TIPO 0.1, DTG 0]")]
-RepeatPenaltyOpt = Annotated[Optional[float], typer.Option("--repeat-penalty", rich_help_panel=SAMPLING, help="Repetition penalty over the last 64 tokens, > 0 (1 = off). \\[default: TIPO 1.17, DTG 1.0]")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=SAMPLING, help="New tokens per model call. \\[default: TIPO 512, DTG 256]")]
-VariantsOpt = Annotated[int, typer.Option("--variants", "-n", min=1, max=1024, rich_help_panel=VARIANTS, help="Distinct variants to return, one line each, printed as each one finishes (a multi-line --format is joined with spaces; --json keeps it).")]
-SamplerOpt = Annotated[
-    Optional[SamplerKind],
-    typer.Option("--sampler", rich_help_panel=VARIANTS,
-                 help="How variants share work: tgts (token-group tree sampling) or independent (shared prompt cache). \\[default: tgts when -n > 1]"),
-]
-GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", min=1, rich_help_panel=VARIANTS, help="Separators (commas) per token group: TGTS's segments, and the segments independent variants are scored by. \\[default: 4]")]
-ExplorationOpt = Annotated[Optional[float], typer.Option("--exploration", min=0.0, parser=finite_float, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant. \\[default: 1.0]")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Diagnostics on stderr: seed, model, timings, llama.cpp's log.")]
+@dataclass(frozen=True)
+class VariantOptions:
+    """How the N variants of one prompt share work: `sampler` is a registered sampler's name
+    (see `samplers`); it serves the N identical first calls when n > 1."""
+
+    n: int = 1
+    sampler: str = "tgts"
+    group_size: int = DEFAULT_GROUP_SIZE
+    exploration: float = DEFAULT_EXPLORATION
+
+    @property
+    def kind(self) -> str:
+        """"single" for n = 1, else the sampler's name (what the JSON output reports)."""
+        return self.sampler if self.n > 1 else "single"
+
+    @classmethod
+    def checked(cls, n: int, sampler: Any = None, group_size: int | None = None,
+                exploration: float | None = None) -> VariantOptions:
+        """The tree options are accepted with n = 1 (a script may vary N), but `exploration` not
+        against an explicit sampler that does not explore (it has no tree)."""
+        from kgen_cli.samplers import DEFAULT_SAMPLER, sampler_named
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UsageError(f"the number of variants must be a positive integer, not {n!r}")
+        sampler = _text(sampler)
+        chosen = sampler_named(sampler or DEFAULT_SAMPLER)
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+            raise UsageError("--group-size must be a positive integer")
+        if exploration is not None:
+            if not math.isfinite(exploration) or exploration < 0:
+                raise UsageError("--exploration must be a number >= 0")
+            if sampler is not None and not chosen.explores:
+                raise UsageError(f"--exploration is for --sampler {DEFAULT_SAMPLER}")
+        return cls(n, chosen.name, DEFAULT_GROUP_SIZE if group_size is None else group_size,
+                   DEFAULT_EXPLORATION if exploration is None else exploration)
+
+
+def parse_gpu_layers(value: Any) -> int | str:
+    """'auto', 'all' or a non-negative integer (validated here, resolved when the engine loads)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise UsageError(f"--gpu-layers must be a number, 'all' or 'auto', not {value!r}")
+    value = value.strip().lower()
+    if value in ("auto", "all"):
+        return value
+    try:
+        layers = int(value)
+    except ValueError:
+        raise UsageError(f"--gpu-layers must be a number, 'all' or 'auto', not '{value}'") from None
+    if layers < 0:
+        raise UsageError("--gpu-layers must not be negative")
+    return layers
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if value is None:
+        return
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        span = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise UsageError(f"--{name.replace('_', '-')} must be a whole number {span}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What opens a model. `model`: a registry name (None: the registry's default), NAME@QTYPE,
+    or a path to a local .gguf; `family`: the prompt format (None: the registry's, or guessed
+    from the file name); `gpu_layers`: N, "all" or "auto"; `n_ctx`: KV cells shared by every
+    sequence (None: sized for the calls); `context_length`: the most tokens one model call
+    spans (None: the registry's, 1024 for a local file); `threads`: None for llama.cpp's."""
+
+    model: str | None = None
+    family: str | None = None
+    gpu_layers: int | str = "auto"
+    n_ctx: int | None = None
+    context_length: int | None = None
+    threads: int | None = None
+    verbose: bool = False
+
+    def checked(self) -> EngineOptions:
+        """These options validated and normalised (UsageError on a bad value)."""
+        from kgen_cli.registry import check_family
+
+        _check_int("n_ctx", self.n_ctx, MIN_N_CTX, MAX_N_CTX)
+        _check_int("context_length", self.context_length, MIN_CONTEXT_LENGTH, MAX_N_CTX)
+        _check_int("threads", self.threads, 1)
+        if self.model is not None and not isinstance(self.model, str):
+            raise UsageError(f"the model must be a registry name or a path, not {self.model!r}")
+        return replace(self, family=check_family(_text(self.family)), gpu_layers=parse_gpu_layers(self.gpu_layers))
+
+

@@ -143,6 +143,22 @@ class ExpandResult:
     operations: list[dict] = field(default_factory=list)  # the plan that ran (TIPO)
     skipped_calls: list[dict] = field(default_factory=list)  # calls whose prompt left no room
 
+    @property
+    def tags(self) -> dict[str, list[str]]:
+        """The final tags by category (special, characters, copyrights, artist, general, quality,
+        meta, rating), the user's and the model's."""
+        return {category: list(self.tag_map.get(category, [])) for category in FIELDS}
+
+    @property
+    def nl(self) -> str:
+        """The final natural-language prompt (TIPO): the generated one, else the extended one."""
+        return self.tag_map.get("generated") or self.tag_map.get("extended") or ""
+
+    @property
+    def timings(self) -> dict:
+        """Totals over the model calls: calls, prompt and generated tokens, seconds."""
+        return call_totals(self.calls)
+
     def to_dict(self) -> dict:
         """JSON-ready."""
         return {
@@ -155,6 +171,17 @@ class ExpandResult:
             "calls": [call.to_dict() for call in self.calls],
             "skipped_calls": self.skipped_calls,
         }
+
+
+def call_totals(calls: list[CallRecord]) -> dict:
+    """Model calls, prompt and generated tokens, prompt and generation seconds, summed."""
+    return {
+        "model_calls": len(calls),
+        "prompt_tokens": sum(c.n_prompt_tokens for c in calls),
+        "generated_tokens": sum(c.n_tokens for c in calls),
+        "prompt_seconds": round(sum(c.prompt_seconds for c in calls), 4),
+        "generate_seconds": round(sum(c.generate_seconds for c in calls), 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

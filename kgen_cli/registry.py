@@ -1,4 +1,4 @@
-"""The model registry (`models.yaml`) and the one function that turns `--model` into a file.
+"""The model registry (`models.yaml`) and what `--model` names (`download.locate` finds its file).
 
 The packaged `models.yaml` lists every known TIPO/DTG GGUF; `<kgen home>/models.yaml` adds or
 replaces entries by name and may change the default. Both are validated strictly: a typo is an
@@ -11,7 +11,7 @@ error that names the file and the entry, never a silently ignored key.
   `kgen models download tipo-500m-ft --quant Q8_0` (same as `kgen models download tipo-500m-ft@Q8_0`);
 - a path to a local `.gguf` file (`--family` says how to prompt it, else the file name does).
 
-Import-light: yaml and huggingface_hub are imported only when a registry is loaded or a file looked up.
+Import-light: yaml is imported only when a registry is loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 from kgen_cli.errors import ModelNotFoundError, RegistryError, UsageError
 from kgen_cli.paths import kgen_home
+from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
 
 FAMILIES = ("tipo", "dtg")
 REGISTRY_FILE = "models.yaml"
@@ -32,14 +33,6 @@ REGISTRY_FILE = "models.yaml"
 MAX_REGISTRY_BYTES = 1 << 20
 # One model call's context (prompt + new tokens) is min(context_length, N_CTX_CAP) by default.
 N_CTX_CAP = 2048
-# Quantisation types kgen can make locally from an F16 (or BF16/F32) GGUF: engine.QUANT_TYPES less
-# the float types (kept here so that parsing NAME@QTYPE does not import the engine). The smaller
-# i-quants are left out: they need an importance matrix.
-LOCAL_QUANT_TYPES = (
-    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
-    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
-)  # fmt: skip
-QUANTIZABLE_SOURCES = ("F16", "BF16", "F32")
 QUANT_SEPARATOR = "@"
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -403,18 +396,18 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 # --- --model resolution -------------------------------------------------------------------------
 
 
-def resolve_model(model: str | None, family: str | None, *, download_missing: bool = False) -> ResolvedModel:
-    """`--model`/`--family` to a GGUF on disk. `model` is a registry name (None: the default),
-    `NAME@QTYPE`, or a path to a local .gguf. A registry model that is not on disk raises
-    ModelNotFoundError with the `kgen models download` hint, unless `download_missing` fetches it
-    (never with HF_HUB_OFFLINE set)."""
-    return _resolve(model, family, need_file=True, download_missing=download_missing)
-
-
 def registry_spec_only(model: str | None, family: str | None) -> ResolvedModel:
-    """Like `resolve_model`, but never looks for or fetches the file (for `--show-prompt`):
-    a registry model comes back with `path=None`; a local path is not checked."""
-    return _resolve(model, family, need_file=False, download_missing=False)
+    """`--model`/`--family` to a model, without looking for its file (`download.locate` does):
+    `model` is a registry name (None: the default), `NAME@QTYPE`, or a path to a local .gguf. A
+    registry model comes back with `path=None`; a local path is not checked."""
+    family = check_family(family)
+    if model is not None and looks_like_path(model):
+        return _resolve_path(model, family)
+    registry = load_registry()
+    spec = registry.default_spec if model is None else registry.get(model.strip())
+    chosen = family or spec.family
+    return ResolvedModel(name=spec.name, path=None, family=chosen, spec=spec,
+                         quality_line=spec.quality_line and chosen == "dtg")
 
 
 def guess_family(path: Path) -> str | None:
@@ -432,7 +425,7 @@ def looks_like_path(model: str) -> bool:
     return model.lower().endswith(".gguf") or "/" in model or os.sep in model
 
 
-def _check_family(family: str | None) -> str | None:
+def check_family(family: str | None) -> str | None:
     if family is None:
         return None
     lowered = family.strip().lower()
@@ -441,52 +434,18 @@ def _check_family(family: str | None) -> str | None:
     return lowered
 
 
-def _resolve(model: str | None, family: str | None, *, need_file: bool, download_missing: bool) -> ResolvedModel:
-    family = _check_family(family)
-    if model is not None and looks_like_path(model):
-        return _resolve_path(model, family, need_file=need_file)
-
-    registry = load_registry()
-    spec = registry.default_spec if model is None else registry.get(model.strip())
-    chosen = family or spec.family
-    resolved = ResolvedModel(
-        name=spec.name,
-        path=None,
-        family=chosen,
-        spec=spec,
-        quality_line=spec.quality_line and chosen == "dtg",
-    )
-    if not need_file:
-        return resolved
-
-    from kgen_cli import download as dl
-
-    path = dl.local_path(spec)
-    if path is None:
-        if download_missing and not dl.is_offline():
-            path = dl.download(spec)
-        else:
-            raise not_downloaded(spec.name)
-    return replace(resolved, path=path)
-
-
-def not_downloaded(name: str) -> ModelNotFoundError:
-    from kgen_cli import download as dl
-
-    hint = f"run: kgen models download {name}"
-    if dl.is_offline():
-        hint = f"HF_HUB_OFFLINE is set; unset it, then {hint}"
-    return ModelNotFoundError(f"model '{name}' is not downloaded", hint=hint)
-
-
-def _resolve_path(model: str, family: str | None, *, need_file: bool) -> ResolvedModel:
+def existing_file(model: str) -> Path:
+    """The local model file `model` names, resolved; ModelNotFoundError when there is none."""
     path = Path(model).expanduser()
-    if need_file:
-        if not path.exists():
-            raise ModelNotFoundError(f"no such model file: {model}")
-        if not path.is_file():
-            raise ModelNotFoundError(f"not a file: {model}")
-        path = path.resolve()
+    if not path.exists():
+        raise ModelNotFoundError(f"no such model file: {model}")
+    if not path.is_file():
+        raise ModelNotFoundError(f"not a file: {model}")
+    return path.resolve()
+
+
+def _resolve_path(model: str, family: str | None) -> ResolvedModel:
+    path = Path(model).expanduser()
     chosen = family or guess_family(path)
     # A renamed or fine-tuned file: TIPO, kgen's default family, rather than a usage error.
     assumed = chosen is None

@@ -14,34 +14,22 @@ from typing import Any, Callable, Hashable, Iterable
 
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.pipeline import ExpandRequest, ExpandResult, run_expand
-from kgen_cli.sampling import Completion, CompletionRequest, derive_seed
+from kgen_cli.samplers import DEFAULT_SAMPLER, TOP_UP_SAMPLER, SamplerSpec, sampler_named
+from kgen_cli.sampling import MAX_SEQUENCES, SEED_MAX, Completion, CompletionRequest, derive_seed
+from kgen_cli.tree import DEFAULT_EXPLORATION, DEFAULT_GROUP_SIZE
 from kgen_cli.scheduler import Scheduler, prompt_too_long
 
-DEFAULT_N_CTX = 4096
+DEFAULT_N_CTX = 4096  # the smallest context kgen sizes by itself
+DEFAULT_N_CTX_MAX = 65536  # the largest (--n-ctx may ask for up to sampling.MAX_N_CTX)
 # One model call's context (prompt + new tokens) for a file the registry does not describe: the
 # peers load every TIPO and DTG GGUF with n_ctx=1024, and a GGUF's own n_ctx_train may be the
 # base architecture's, not the length the model was trained on.
 DEFAULT_CONTEXT_LENGTH = 1024
-MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 def random_seed() -> int:
     """A fresh seed in [0, 2**32 - 2] (0xFFFFFFFF would make llama.cpp pick its own)."""
-    return random.SystemRandom().randint(0, 2**32 - 2)
-
-
-def parse_gpu_layers(value: str) -> int | str:
-    """'auto', 'all' or a non-negative integer (validated here, resolved when the engine loads)."""
-    value = value.strip().lower()
-    if value in ("auto", "all"):
-        return value
-    try:
-        layers = int(value)
-    except ValueError:
-        raise UsageError(f"--gpu-layers must be a number, 'all' or 'auto', not '{value}'") from None
-    if layers < 0:
-        raise UsageError("--gpu-layers must not be negative")
-    return layers
+    return random.SystemRandom().randint(0, SEED_MAX)
 
 
 @dataclass
@@ -65,8 +53,8 @@ def default_n_ctx(sequences: int, max_tokens: int | None = None) -> int:
     cache sized for 512-token calls. Whatever the size, the tree and the scheduler wait for
     cells rather than overflow them."""
     if max_tokens is not None:
-        return min(65536, max(DEFAULT_N_CTX, 512 + max(0, sequences - 1) * (max_tokens + 128)))
-    return min(65536, DEFAULT_N_CTX + max(0, sequences - 1) * 384)
+        return min(DEFAULT_N_CTX_MAX, max(DEFAULT_N_CTX, 512 + max(0, sequences - 1) * (max_tokens + 128)))
+    return min(DEFAULT_N_CTX_MAX, DEFAULT_N_CTX + max(0, sequences - 1) * 384)
 
 
 def open_engine(config: EngineConfig):
@@ -117,6 +105,8 @@ def expand(engine, request: ExpandRequest, seed: int, *, on_text: Callable[[str]
 
 @dataclass
 class VariantsResult:
+    """N variants of one prompt (iterable: the ExpandResults, in the order they were found)."""
+
     variants: list[ExpandResult]
     duplicates: int  # generated variants dropped as repeats (the tree's repeated leaves + same output)
     tokens_decoded: int  # NFE: every token fed to llama_decode for this run, prompts included
@@ -128,6 +118,15 @@ class VariantsResult:
     steps: int = 0  # llama_decode calls
     stop_reason: str = "complete"  # why the first-call sampler stopped (tree.tgts_sample)
     rounds: int = 1  # generation rounds (further ones replace variants that repeated an earlier one)
+
+    def __iter__(self):
+        return iter(self.variants)
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+    def __getitem__(self, index: int) -> ExpandResult:
+        return self.variants[index]
 
     def to_dict(self) -> dict:
         n = len(self.variants)
@@ -195,9 +194,9 @@ def expand_variants(
     n: int,
     seed: int,
     *,
-    sampler: str = "tgts",
-    group_size: int = 4,
-    exploration: float = 1.0,
+    sampler: str = DEFAULT_SAMPLER,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    exploration: float = DEFAULT_EXPLORATION,
     parallel: int | None = None,
     check: Callable[[], None] | None = None,
     on_variant: Callable[[ExpandResult, dict], None] | None = None,
@@ -254,7 +253,7 @@ def expand_variants(
             # A top-up round is a few variants: independent samples decode them in one pass, where a
             # new tree would first have to grow (its steps come one segment deep at a time).
             done = _variants_round(engine, request, range(next_job, next_job + want), seed,
-                                   "independent" if rounds else sampler, group_size, exploration,
+                                   TOP_UP_SAMPLER if rounds else sampler, group_size, exploration,
                                    parallel or max(1, min(n, engine.n_seq_max)), check, judge.done)  # fmt: skip
             next_job, rounds = done.next_job, rounds + 1
             tokens += done.tokens
@@ -318,6 +317,7 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
     stop_reason) are never reported. A job that ends with its first call on a line an earlier
     one gave is refused there (see `serve`): under TGTS a fresh copy of it waits for another
     leaf; an independent sample is replaced by the next job's (ids from job_ids.stop on)."""
+    spec = sampler_named(sampler)
     jobs = {i: run_expand(request, derive_seed(seed, i)) for i in job_ids}
     per_variant: dict[int, dict] = {}  # the first call's figures of each job (score, tokens, depth)
     ended: set[int] = set()
@@ -347,13 +347,13 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
         # Every job asks the same first call (the prompt does not depend on the seed); one that
         # does not goes through the scheduler like any later call.
         shared = [i for i in first if first[i].prompt == lead.prompt and first[i].params == lead.params] if lead else []
-        if len(shared) > 1 and sampler in ("tgts", "independent"):
+        if len(shared) > 1:
             taken: list[int] = []  # jobs served so far, in `shared` order
             lines: set[str] = set()  # results of the jobs that ended with their first call
             refused: list[int] = []
             # Sample k is job job_ids.start + k (its seed), for replacements too: only when the
             # jobs are exactly job_ids, so that their ids go on from job_ids.stop.
-            can_replace = sampler == "tgts" or shared == list(job_ids)
+            can_replace = spec.tree or shared == list(job_ids)
 
             def serve(variant, completion: Completion) -> bool:
                 """Give a job its first call's result: the next job in `shared` a tree leaf, job
@@ -363,7 +363,7 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
                 another leaf and a fresh copy of the job waits for it; an independent sample
                 is spent, and the sampler starts the next one for the next job id."""
                 nonlocal last_id
-                if sampler == "tgts":
+                if spec.tree:
                     i = shared[len(taken)]
                 elif variant.index < len(shared):
                     i = shared[variant.index]
@@ -378,7 +378,7 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
                 except StopIteration as stop:
                     if can_replace and stop.value.formatted in lines and len(refused) < len(shared):
                         refused.append(i)
-                        if sampler == "tgts":
+                        if spec.tree:
                             jobs[i] = run_expand(request, derive_seed(seed, i))
                             next(jobs[i])
                         else:
@@ -395,11 +395,11 @@ def _variants_round(engine, request: ExpandRequest, job_ids: range, seed: int, s
                 taken.append(i)
                 return True
 
-            out = _first_calls(engine, lead, len(shared), sampler, group_size, exploration, check, serve)
+            out = _first_calls(engine, lead, len(shared), spec, group_size, exploration, check, serve)
             prompt_len = out.tree.get("prompt_tokens", 0)
             tree_json, tokens = out.tree, out.total_decoded + prompt_len  # + the prompt, decoded once
             stop_reason, tree_dups = out.stats.get("stop_reason", "complete"), out.stats.get("duplicates", 0)
-            if sampler == "tgts":
+            if spec.tree:
                 skipped = set(shared[len(out.variants):])
                 for i in skipped:
                     jobs[i].close()
@@ -463,24 +463,19 @@ def _completion(variant, prompt_len: int) -> Completion:
                       finish_reason="stop" if variant.finished else "length")
 
 
-def _first_calls(engine, request: CompletionRequest, n: int, sampler: str, group_size: int, exploration: float,
-                 check: Callable[[], None] | None, serve: Callable[[Any, Completion], bool]):
-    """Serve n identical first model calls at once: one TGTS tree, or n independent samples
-    (sample i with seed `derive_seed(request.seed, i)`, the seed job i would use) sharing the
-    prompt's KV cells. Returns the `tree.TreeResult`. `serve(variant, completion)` sees each
-    variant as it ends, with the model call's result it makes; under TGTS it may refuse it
-    (`tree.tgts_sample`'s accept)."""
-    from kgen_cli.tree import independent_sample, tgts_sample
-
+def _first_calls(engine, request: CompletionRequest, n: int, spec: SamplerSpec, group_size: int,
+                 exploration: float, check: Callable[[], None] | None, serve: Callable[[Any, Completion], bool]):
+    """Serve n identical first model calls at once with the sampler `spec`: e.g. one TGTS tree,
+    or n independent samples (sample i with seed `derive_seed(request.seed, i)`, the seed job i
+    would use) sharing the prompt's KV cells. Returns the `tree.TreeResult`.
+    `serve(variant, completion)` sees each variant as it ends, with the model call's result it
+    makes, and may refuse it (the sampler's `accept`)."""
     prompt = engine.tokenize(request.prompt, add_bos=True)
     max_tokens = min(request.params.max_tokens, engine.window - len(prompt))
     if max_tokens < 1:
         raise prompt_too_long(len(prompt), engine.window, engine.n_ctx)
     decoder = _branches(engine, check)
-    if sampler == "tgts":
-        return tgts_sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
-                           exploration=exploration, max_tokens=max_tokens, max_cells=engine.n_ctx,
-                           accept=lambda v: serve(v, _completion(v, len(prompt))))
-    return independent_sample(decoder, prompt, n, request.params, request.seed, max_tokens=max_tokens,
-                              group_size=group_size, max_cells=engine.n_ctx,
-                              accept=lambda v: serve(v, _completion(v, len(prompt))))
+    tuning = {"exploration": exploration} if spec.explores else {}
+    return spec.sample(decoder, prompt, n, request.params, request.seed, group_size=group_size,
+                       max_tokens=max_tokens, max_cells=engine.n_ctx,
+                       accept=lambda v: serve(v, _completion(v, len(prompt))), **tuning)

@@ -16,20 +16,27 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from kgen_cli.errors import UsageError
+
 # llama.cpp's dist sampler takes a uint32 and treats 0xFFFFFFFF as "pick a random seed";
 # every seed kgen derives stays in [0, SEED_MAX].
 SEED_MAX = 2**32 - 2
 SEED_MODULUS = 2**32 - 1
 
+# llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h): no context can hold more live sequence ids.
+MAX_SEQUENCES = 256
+
 # The most KV cells kgen asks for: beyond it a cache is tens of GB, and llama.cpp's uint32 fields
 # wrap further up (a GGML_ASSERT abort, or a wrapped size the kernel's OOM killer ends).
 MAX_N_CTX = 1 << 20
+MIN_N_CTX = 64  # the fewest --n-ctx accepts
+MIN_CONTEXT_LENGTH = 16  # the shortest --context-length accepts
 
 
 def finite_float(text: str) -> float:
     """A command-line number that must be finite: "nan" and "inf" are "not a number" (they would
     pass, or fail with a misleading range message, in a `min`/`max` check). The range itself is
-    checked where the value is used (`engine.validate_params`)."""
+    checked where the value is used (`validate_params`)."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"{text} is not a number")
@@ -56,6 +63,28 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def validate_params(params: SamplingParams, seed: int) -> None:
+    """Reject values llama.cpp would misread (seed 0xFFFFFFFF = random) or that make no sense."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"seed must be an integer in [0, {SEED_MAX}], got {seed!r}")
+    if isinstance(params.max_tokens, bool) or not isinstance(params.max_tokens, int) or params.max_tokens <= 0:
+        raise UsageError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
+    if not math.isfinite(params.temperature):
+        raise UsageError(f"temperature must be a finite number, got {params.temperature!r}")
+    if params.temperature < 0:
+        raise UsageError(f"temperature must be >= 0 (0 = greedy), got {params.temperature!r}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise UsageError(f"top_p must be in (0, 1], got {params.top_p!r}")
+    if not 0.0 <= params.min_p <= 1.0:
+        raise UsageError(f"min_p must be in [0, 1], got {params.min_p!r}")
+    if params.top_k < 0:
+        raise UsageError(f"top_k must be >= 0 (0 = off), got {params.top_k!r}")
+    if not (math.isfinite(params.repeat_penalty) and params.repeat_penalty > 0):
+        raise UsageError(f"repeat_penalty must be > 0, got {params.repeat_penalty!r}")
+    if params.penalty_last_n < 0:  # llama.cpp's sampler reads -1 as 0 (off), not "whole context"
+        raise UsageError(f"penalty_last_n must be >= 0, got {params.penalty_last_n!r}")
 
 
 # FORMATS.md §12, the library rows: TIPO's repetition penalty 1.17 is explicit here (K8).

@@ -128,12 +128,24 @@ class Scheduler:
         scheduler is `busy`, `jobs` may yield None for "nothing ready yet" (a slow pipe): the
         requests already there decode, and the next step asks again.
         """
+        for _ in self.steps(jobs, on_result):
+            pass
+
+    def steps(
+        self,
+        jobs: Iterable[tuple[Hashable, Job]],
+        on_result: Callable[[Hashable, Any, BaseException | None], None],
+    ) -> Iterator[None]:
+        """`run`, one decode step at a time: yields after each step, so that the caller can hand
+        out the results that step ended. Closing the iterator early (or an exception) releases
+        every sequence and sampler, so the decoder can serve further runs."""
         self._jobs: Iterator[tuple[Hashable, Job]] = iter(jobs)
         self._exhausted = False
         try:
             while not (self._exhausted and not self._live and not self._waiting):
                 self._step(on_result)
-        except BaseException:
+                yield
+        except BaseException:  # GeneratorExit included: the caller stopped early
             self._release_all()
             raise
 

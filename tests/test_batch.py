@@ -27,7 +27,7 @@ from fake_decoder import FakeDecoder, FakeEngine, fake_tokenize
 from kgen_cli import batchjobs, runner
 from kgen_cli.batchio import InputRecord, one_line, read_records
 from kgen_cli.cli import main
-from kgen_cli.commands.expand import build_request
+from kgen_cli.options import GenerationOptions
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.sampling import FAMILY_DEFAULTS, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler
@@ -40,13 +40,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------
 
 
-def defaults(**over) -> dict:
-    d = dict(nl="", family="tipo", quality_line=False, tag_length="long", nl_length="long", operation=None,
-             width=None, height=None, aspect_ratio=None, ban=None, retries=0, format_="tag-only",
-             escape_parens=False, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=None,
-             max_tokens=24)
-    d.update(over)
-    return d
+def defaults(**over) -> GenerationOptions:
+    return GenerationOptions(**{"retries": 0, "format": "tag-only", "max_tokens": 24, **over})
+
+
+def build_request(text: str, options: GenerationOptions):
+    return options.request(text, family="tipo")
 
 
 def recs(lines: list[str]):
@@ -113,7 +112,7 @@ def test_bad_lines_fail_alone(monkeypatch):
 
 
 def test_line_options_override_the_defaults_and_the_aspect_ratio_either_way():
-    d = defaults(aspect_ratio=2.0, format_="oneline", tag_length="long")
+    d = defaults(aspect_ratio=2.0, format="oneline", tag_length="long")
     rec = next(recs(['{"tags": "1girl", "width": 832, "height": 1216, "tag_length": "short", "format": "tag-only", '
                      '"seed": 3, "max_tokens": 5, "ban": "hat"}']))
     request, seed = batchjobs.line_request(rec, d, 50)
@@ -196,7 +195,7 @@ def test_independent_variants_that_repeat_are_replaced_by_further_rounds_as_in_e
     assert sorted(rec.index for rec, _, _ in done) == [0, 1, 2]
     for rec, res, err in done:
         assert err is None and len({v.formatted for v in res["variants"]}) == len(res["variants"]) == 5
-        alone = runner.expand_variants(FakeEngine(), build_request(lines[rec.index], **defaults()), 5,
+        alone = runner.expand_variants(FakeEngine(), build_request(lines[rec.index], defaults()), 5,
                                        100 + rec.index, sampler="independent")
         assert [(v.seed, v.formatted) for v in res["variants"]] == [(v.seed, v.formatted) for v in alone.variants]
         assert res["duplicates"] == alone.duplicates
@@ -220,7 +219,7 @@ def test_batch_variants_from_a_tgts_tree_per_input():
         assert err is None and res["n"] == 4 and res["seed"] == 100 + rec.index
         assert len({v.formatted for v in res["variants"]}) == len(res["variants"]) == 4
         # the same variants `kgen expand -n 4` makes for that input and seed
-        alone = runner.expand_variants(FakeEngine(n_seq_max=8), build_request(lines[rec.index], **defaults()),
+        alone = runner.expand_variants(FakeEngine(n_seq_max=8), build_request(lines[rec.index], defaults()),
                                        4, 100 + rec.index, sampler="tgts")
         assert [v.formatted for v in res["variants"]] == [v.formatted for v in alone.variants]
     assert stats.records == 3 and stats.failed == 0 and stats.steps > 0 and stats.tokens_decoded > 0
@@ -240,13 +239,13 @@ def test_batch_tgts_bad_line_fails_alone_and_check_stops_it():
 def test_variants_repeating_after_formatting_are_replaced_in_a_further_round(monkeypatch):
     original = runner.run_expand
     collapse_jobs(monkeypatch, range(3))
-    out = runner.expand_variants(FakeEngine(), build_request("1girl", **defaults()), 6, 7, sampler="tgts")
+    out = runner.expand_variants(FakeEngine(), build_request("1girl", defaults()), 6, 7, sampler="tgts")
     assert len(out.variants) == 6 and out.rounds == 2 and out.duplicates >= 2
     assert len({v.formatted for v in out.variants}) == 6
     assert {v.seed for v in out.variants} >= {derive_seed(7, i) for i in (6, 7)}  # round 2: jobs 6, 7
 
     monkeypatch.setattr(runner, "run_expand", lambda request, seed: _constant(original(request, seed)))
-    out = runner.expand_variants(FakeEngine(), build_request("1girl", **defaults()), 4, 7, sampler="independent")
+    out = runner.expand_variants(FakeEngine(), build_request("1girl", defaults()), 4, 7, sampler="independent")
     assert [v.formatted for v in out.variants] == ["same"] and out.rounds == 2  # round 2 added nothing: stop
     assert out.to_dict()["totals"]["rounds"] == 2
 
@@ -261,7 +260,7 @@ def test_tgts_refuses_leaves_whose_result_repeats_inside_the_tree(monkeypatch):
 
     monkeypatch.setattr(runner, "run_expand", eight_lines)
     engine = FakeEngine()
-    out = runner.expand_variants(engine, build_request("1girl", **defaults()), 6, 7, sampler="tgts")
+    out = runner.expand_variants(engine, build_request("1girl", defaults()), 6, 7, sampler="tgts")
     assert len({v.formatted for v in out.variants}) == len(out.variants) == 6
     assert out.rounds == 1 and out.duplicates >= 1  # the tree found the replacements itself
     assert [v.seed for v in out.variants] == [derive_seed(7, i) for i in range(6)]  # jobs 0-5, in order
@@ -271,7 +270,7 @@ def test_tgts_refuses_leaves_whose_result_repeats_inside_the_tree(monkeypatch):
 def test_expand_variants_streams_each_kept_variant_as_soon_as_it_is_final():
     engine = FakeEngine()
     streamed = []  # (seed, decode steps so far) at each on_variant call
-    out = runner.expand_variants(engine, build_request("1girl", **defaults()), 6, 7, sampler="tgts",
+    out = runner.expand_variants(engine, build_request("1girl", defaults()), 6, 7, sampler="tgts",
                                  on_variant=lambda r, figures: streamed.append((r.seed, engine.decoder.n_steps, figures)))
     assert [seed for seed, _, _ in streamed] == [v.seed for v in out.variants]  # each once, in the list's order
     assert [f for _, _, f in streamed] == out.per_variant
@@ -298,7 +297,7 @@ def collapse_jobs(monkeypatch, jobs: range, base: int = 7) -> list[int]:
 def test_independent_samples_that_repeat_are_replaced_in_the_same_batch(monkeypatch):
     collapse_jobs(monkeypatch, range(3))
     engine = FakeEngine()
-    out = runner.expand_variants(engine, build_request("1girl", **defaults()), 5, 7, sampler="independent")
+    out = runner.expand_variants(engine, build_request("1girl", defaults()), 5, 7, sampler="independent")
     assert len({v.formatted for v in out.variants}) == len(out.variants) == 5
     assert out.rounds == 1 and out.duplicates == 2  # samples 5 and 6 took the places of two repeats
     assert {v.seed for v in out.variants} == {derive_seed(7, i) for i in (0, 3, 4, 5, 6)}
@@ -308,7 +307,7 @@ def test_independent_samples_that_repeat_are_replaced_in_the_same_batch(monkeypa
 def test_a_further_round_stops_once_it_has_its_variants(monkeypatch):
     finished = collapse_jobs(monkeypatch, range(3))  # jobs 0-2 end on the same line, after their 2nd call
     engine = FakeEngine()
-    request = build_request("1girl", **defaults(format_="oneline"))  # TIPO's 2 calls: no variant ends with its 1st
+    request = build_request("1girl", defaults(format="oneline"))  # TIPO's 2 calls: no variant ends with its 1st
     out = runner.expand_variants(engine, request, 5, 7, sampler="independent")
     assert len({v.formatted for v in out.variants}) == len(out.variants) == 5 and out.rounds == 2
     second = [s for s in finished if s in {derive_seed(7, i) for i in range(5, 11)}]
@@ -328,7 +327,7 @@ def test_an_interrupted_expand_variants_carries_what_it_kept():
             raise Stop()
 
     with pytest.raises(Stop) as info:
-        runner.expand_variants(engine, build_request("1girl", **defaults()), 12, 7, sampler="tgts", check=check,
+        runner.expand_variants(engine, build_request("1girl", defaults()), 12, 7, sampler="tgts", check=check,
                                on_variant=lambda r, _f: streamed.append(r.seed))
     partial = info.value.partial
     assert [v.seed for v in partial.variants] == streamed and 0 < len(streamed) < 12

@@ -424,7 +424,7 @@ def test_help_does_not_import_llama_cpp(isolated_home):
 
 @pytest.mark.parametrize("value", ["0", "auto", "all", "ALL", " 12 "])
 def test_gpu_layers_values_are_accepted(value):
-    from kgen_cli.runner import parse_gpu_layers
+    from kgen_cli.options import parse_gpu_layers
 
     assert parse_gpu_layers(value) in (0, "auto", "all", 12)
 

@@ -29,7 +29,7 @@ def test_defaults_written_into_help_survive_rich_markup():
 
 
 def test_retries_range_in_help_matches_the_pipeline():
-    from kgen_cli.options import RetriesOpt
+    from kgen_cli.commands._options import RetriesOpt
     from kgen_cli.pipeline import MAX_RETRIES
 
     assert RetriesOpt.__metadata__[0].max == MAX_RETRIES

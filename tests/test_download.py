@@ -16,7 +16,8 @@ from huggingface_hub.utils import are_progress_bars_disabled
 
 from kgen_cli import download as dl
 from kgen_cli.errors import DownloadError, EngineError, UsageError
-from kgen_cli.registry import ModelSpec, load_registry, resolve_model
+from kgen_cli.download import resolve_model
+from kgen_cli.registry import ModelSpec, load_registry
 
 CONTENT = b"GGUF fake model bytes" * 100
 SHA = hashlib.sha256(CONTENT).hexdigest()

@@ -9,6 +9,7 @@ from unittest.mock import patch
 
 import pytest
 
+from kgen_cli.download import resolve_model
 from kgen_cli.errors import ModelNotFoundError, RegistryError, UsageError
 from kgen_cli.registry import (
     LOCAL_QUANT_TYPES,
@@ -17,7 +18,6 @@ from kgen_cli.registry import (
     load_registry,
     packaged_registry,
     registry_spec_only,
-    resolve_model,
 )
 
 GOOD_ENTRY = """\
@@ -66,7 +66,7 @@ def test_packaged_registry_inside_an_installed_package_wins(tmp_path):
     root = Path(__file__).resolve().parent.parent
     package = tmp_path / "site" / "kgen_cli"
     package.mkdir(parents=True)
-    for module in ("__init__.py", "errors.py", "paths.py", "registry.py"):
+    for module in ("__init__.py", "errors.py", "paths.py", "quant.py", "registry.py"):
         shutil.copy(root / "kgen_cli" / module, package / module)
     shutil.copy(root / "models.yaml", package / "models.yaml")
     code = "from kgen_cli.registry import packaged_registry, load_registry; print(packaged_registry()[0]); print(len(load_registry()))"

@@ -106,15 +106,11 @@ def test_each_variant_goes_through_the_single_expand_path(model_path):
     """Re-driving the pipeline of variant i (seed derive_seed(3, i)) with the model replaced by
     the completions it recorded reproduces its output exactly: parse, post-process and format
     are those of a single `kgen expand`."""
-    from kgen_cli.commands.expand import build_request
+    from kgen_cli.options import GenerationOptions
 
     doc = json_run(model_path, *PLAN8)
-    request = build_request(
-        PROMPT, nl="", family="tipo", quality_line=doc["model"]["quality_line"], tag_length="long",
-        nl_length="long", operation=None, width=None, height=None, aspect_ratio=None, ban=None, retries=0,
-        format_="oneline", escape_parens=False, temperature=None, top_p=None, top_k=None, min_p=None,
-        repeat_penalty=None, max_tokens=24,
-    )  # fmt: skip
+    request = GenerationOptions(retries=0, max_tokens=24).request(
+        PROMPT, family="tipo", quality_line=doc["model"]["quality_line"])
     seeds = {derive_seed(3, i) for i in range(8)}
     for v in doc["variants"]:
         assert v["seed"] in seeds
@@ -255,13 +251,10 @@ def test_sigterm_with_json_writes_the_variants_so_far(model_path, monkeypatch):
 def test_more_variants_than_the_pool_through_the_runner(model_path):
     """A pool of 4 sequence ids (anchor + 3) serves 12 variants: work queues, nothing aborts."""
     from kgen_cli import runner
-    from kgen_cli.commands.expand import build_request
+    from kgen_cli.options import GenerationOptions
 
-    request = build_request(
-        PROMPT, nl="", family="tipo", quality_line=False, tag_length="long", nl_length="long", operation="None",
-        width=None, height=None, aspect_ratio=None, ban=None, retries=0, format_="oneline", escape_parens=False,
-        temperature=1.0, top_p=None, top_k=None, min_p=None, repeat_penalty=None, max_tokens=12,
-    )  # fmt: skip
+    request = GenerationOptions(operation="None", retries=0, temperature=1.0, max_tokens=12).request(
+        PROMPT, family="tipo")
     engine, _ = runner.open_engine(runner.EngineConfig(model_path=str(model_path), n_seq_max=4, threads=1,
                                                        n_ctx=1024))
     try:
@@ -339,16 +332,13 @@ def test_a_tree_stopped_by_its_token_budget_is_topped_up(monkeypatch):
     only repeat itself, gets no top-up round."""
     from fake_decoder import FakeEngine
     from kgen_cli import runner, tree
-    from kgen_cli.commands.expand import build_request
+    from kgen_cli.options import GenerationOptions
 
     monkeypatch.setattr(tree, "BUDGET_FACTOR", tree.BUDGET_FACTOR / 4)
 
     def request(temperature):
-        return build_request(
-            PROMPT, nl="", family="tipo", quality_line=False, tag_length="long", nl_length="long", operation=None,
-            width=None, height=None, aspect_ratio=None, ban=None, retries=0, format_="tag-only", escape_parens=False,
-            temperature=temperature, top_p=None, top_k=None, min_p=None, repeat_penalty=None, max_tokens=24,
-        )  # fmt: skip
+        options = GenerationOptions(retries=0, format="tag-only", temperature=temperature, max_tokens=24)
+        return options.request(PROMPT, family="tipo")
 
     engine = FakeEngine()
     out = runner.expand_variants(engine, request(None), 8, 7, sampler="tgts")

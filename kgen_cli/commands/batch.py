@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli import options as o
+from kgen_cli.commands import _options as o
 from kgen_cli.console import err_console, info, require_open, stderr_is_tty
 from kgen_cli.errors import KgenError, StopRequested, UsageError
+from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
 from kgen_cli.stopping import Interrupted, SignalStop
 
@@ -35,7 +36,7 @@ def batch(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file ('-' or none: stdout).")] = None,
     input_format: Annotated[Optional[InputFormat], typer.Option("--input-format", help="lines or jsonl (default: jsonl when the first prompt line is a JSON object).")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input).")] = OutputFormat.text,
-    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=256, help="Sequences decoded concurrently (continuous batching).")] = 16,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=o.MAX_SEQUENCES, help="Sequences decoded concurrently (continuous batching).")] = 16,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs already in -o OUTPUT and append the rest.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing line.")] = False,
     timings: Annotated[bool, typer.Option("--timings/--no-timings", help="jsonl: include timings (--no-timings: a rerun gives a byte-identical file).")] = True,
@@ -65,7 +66,7 @@ def batch(
     group_size: o.GroupSizeOpt = None,
     exploration: o.ExplorationOpt = None,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=o.MIN_N_CTX, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = False,
@@ -93,11 +94,10 @@ def batch(
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
     written too, so the file may be out of order; their "index" tells).
     """
-    from kgen_cli import batchjobs, runner
+    import kgen_cli as kgen
+    from kgen_cli import runner
     from kgen_cli.batchio import OrderedWriter, OutputFile, PipeLines, bounded_lines, count_prompts, read_records, scan_done
-    from kgen_cli.commands.expand import build_request, sampler_options
-    from kgen_cli.registry import family_note, registry_spec_only, resolve_model
-    from kgen_cli.sampling import FAMILY_DEFAULTS
+    from kgen_cli.registry import registry_spec_only
 
     if output is not None and str(output) == "-":
         output = None
@@ -109,17 +109,17 @@ def batch(
         require_open("stdout", hint="write the results to a file with -o FILE")
     if input == "-":
         require_open("stdin")
-    fam = family.value if family else None
-    spec = registry_spec_only(model, fam)
-    defaults = dict(
-        nl=nl, family=spec.family, quality_line=spec.quality_line, tag_length=tag_length, nl_length=nl_length,
-        operation=operation, width=width, height=height, aspect_ratio=aspect_ratio, ban=ban, retries=retries,
-        format_=format_, escape_parens=escape_parens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+    spec = registry_spec_only(model, family.value if family else None)
+    options = kgen.GenerationOptions(
+        nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
+        aspect_ratio=aspect_ratio, ban=ban, retries=retries, format=format_, escape_parens=escape_parens,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+        max_tokens=max_tokens,
     )
-    build_request("", **defaults)  # the shared options are checked before any model or file is touched
-    kind, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
-    layers = runner.parse_gpu_layers(gpu_layers)
+    # The shared options are checked before any model or file is touched.
+    options.request("", family=spec.family, quality_line=spec.quality_line)
+    VariantOptions.checked(variants, sampler, group_size, exploration)
+    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, verbose).checked()
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
     fmt = output_format.value
     # Opened and locked now: an unwritable file fails before the model loads, and a second kgen
@@ -127,40 +127,36 @@ def batch(
     sink = None if output is None else OutputFile(str(output), append=resume)
     with OutputFile.discard_on_error(sink):
         done = scan_done(str(output), fmt, variants) if resume else set()
-        resolved = resolve_model(model, fam, download_missing=True)
+        # The family note comes after the checks: an error stays one line.
+        gen = kgen.load(spec, family=engine_options.family, gpu_layers=engine_options.gpu_layers, threads=threads,
+                        n_ctx=n_ctx, context_length=context_length, verbose=verbose, defaults=options, lazy=True,
+                        progress=True, on_log=(lambda _note: None) if quiet else info)
     base_seed = runner.random_seed() if seed is None else seed
-    if (note := family_note(spec)) and not quiet:  # after the checks: an error stays one line
-        info(note)
-    context_length = context_length or resolved.n_ctx  # None: the runner's default for a local file
-    call_tokens = max_tokens or FAMILY_DEFAULTS[spec.family].max_tokens
-    sizing_length = context_length or runner.DEFAULT_CONTEXT_LENGTH
-    unified = not batchjobs.use_kv_streams(trees=kind == "tgts",
-                                           context_length=sizing_length, max_tokens=call_tokens, retries=retries)
-    if n_ctx is None:
-        n_ctx = batchjobs.batch_n_ctx(parallel, call_tokens, sizing_length, unified=unified)
+    stop = SignalStop(watch_stdout=output is None)  # `| head`: stop once the reader is gone
     with OutputFile.discard_on_error(sink):
-        engine, load_seconds = runner.open_engine(runner.EngineConfig(
-            model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers, threads=threads, verbose=verbose,
-            n_seq_max=parallel, context_length=context_length, kv_unified=unified))
+        try:
+            run, _ = gen.batch(parallel=parallel, variants=variants, seed=base_seed, sampler=sampler,
+                               group_size=group_size, exploration=exploration, check=stop.check)
+        except BaseException:
+            gen.close()
+            raise
+    engine = run.engine
     if verbose:
-        info(f"model {resolved.name} ({resolved.family}), loaded in {load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
+        resolved = gen.model
+        info(f"model {resolved.name} ({resolved.family}), loaded in {gen.load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
              f"context length {engine.window}, "
              f"{'one shared KV buffer' if engine.kv_unified else 'a KV stream per sequence'}, "
              f"{parallel} parallel sequences, base seed {base_seed}")
     out = sys.stdout if sink is None else sink.open()
     writer = OrderedWriter(out, skip=done)
     state = _BatchState(fmt, writer, variants, fail_fast, timings)
-    stop = SignalStop(watch_stdout=out is sys.stdout)  # `| head`: stop once the reader is gone
     stats = None
     try:
         regular = _is_regular(stream)
         total = max(0, count_prompts(input) - len(done)) if regular and input != "-" else None
         with stop.installed(), _progress(quiet, total) as progress:
             state.progress = progress
-            run = batchjobs.BatchRun(engine, defaults, base_seed, variants=variants, parallel=parallel,
-                                     on_done=state.record, check=stop.check,
-                                     sampler=kind, group_size=group_size,
-                                     exploration=exploration)
+            run.on_done = state.record
             if regular:
                 lines = stop.watch(bounded_lines(stream))
             else:
@@ -181,7 +177,7 @@ def batch(
                 info(f"interrupted: {writer.written} results written{note}; --resume -o OUTPUT completes the rest")
                 raise typer.Exit(exc.exit_code) from None
     finally:
-        engine.close()
+        gen.close()
         if out is not sys.stdout:
             out.close()
         if sink is not None:

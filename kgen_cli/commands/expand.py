@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -11,10 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli import options as o
+from kgen_cli.commands import _options as o
 from kgen_cli.console import info, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
+from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
+from kgen_cli.samplers import sampler_named
 
 PromptArg = Annotated[
     Optional[str],
@@ -82,20 +83,21 @@ def expand(
 
     Prints one line (the formatted prompt) per variant on stdout.
     """
+    import kgen_cli as kgen
     from kgen_cli import pipeline, runner
-    from kgen_cli.registry import family_note, registry_spec_only, resolve_model
+    from kgen_cli.registry import family_note, registry_spec_only
 
     require_open("stdout")  # before the model: every result goes there
     text = read_prompt(prompt)
-    fam = family.value if family else None
-    spec_model = registry_spec_only(model, fam)
-    request = build_request(
-        text, nl=nl, family=spec_model.family, quality_line=spec_model.quality_line, tag_length=tag_length,
-        nl_length=nl_length, operation=operation, width=width, height=height, aspect_ratio=aspect_ratio,
-        ban=ban, retries=retries, format_=format_, escape_parens=escape_parens, temperature=temperature,
-        top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+    spec_model = registry_spec_only(model, family.value if family else None)
+    options = kgen.GenerationOptions(
+        nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
+        aspect_ratio=aspect_ratio, ban=ban, retries=retries, format=format_, escape_parens=escape_parens,
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+        max_tokens=max_tokens,
     )
-    layers = runner.parse_gpu_layers(gpu_layers)  # usage errors first, before any file is touched
+    request = options.request(text, family=spec_model.family, quality_line=spec_model.quality_line)
+    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, verbose).checked()
     note = family_note(spec_model)  # shown once the input is checked: an error stays one line
     if show_prompt:
         if note:
@@ -108,34 +110,32 @@ def expand(
         else:
             write_result(first)
         return
-    kind, group_size, exploration = sampler_options(variants, sampler, group_size, exploration)
+    shape = VariantOptions.checked(variants, sampler, group_size, exploration)
     if tree_out is not None:
-        if kind != "tgts":
+        if not (variants > 1 and sampler_named(shape.sampler).tree):
             raise UsageError("--tree-out needs the TGTS sampler with -n > 1")
         if str(tree_out) == "-":
             raise UsageError("--tree-out needs a file name: stdout carries the variants")
         check_output_file(tree_out, "--tree-out")
 
-    resolved = resolve_model(model, fam, download_missing=True)
-    if note:
-        info(note)
+    gen = kgen.load(spec_model, family=engine_options.family, gpu_layers=engine_options.gpu_layers,
+                    threads=threads, n_ctx=n_ctx, context_length=context_length, verbose=verbose,
+                    defaults=options, lazy=True, progress=True, on_log=info)
+    resolved = gen.model
     seed = runner.random_seed() if seed is None else seed
     if verbose:
         where = "" if resolved.name == str(resolved.path) else f" {resolved.path}"
         info(f"model {resolved.name} ({resolved.family}){where}")
         info(f"seed {seed}")
-    config = runner.EngineConfig(
-        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=layers,
-        threads=threads, verbose=verbose, n_seq_max=1 if variants == 1 else min(variants + 1, runner.MAX_SEQUENCES),  # + the prompt anchor
-        context_length=context_length or resolved.n_ctx, max_tokens=request.params.max_tokens,
-    )
-    engine, load_seconds = runner.open_engine(config)
-    try:
+    with gen:
+        engine = gen.reserve(sequences=1 if variants == 1 else variants + 1,
+                                 max_tokens=request.params.max_tokens)  # + the prompt anchor
+        load_seconds = gen.load_seconds
         started = time.perf_counter()
         if variants == 1:
             on_text = _TerminalStream() if (stream and stdout_is_tty() and not json_) else None
             try:
-                result = runner.expand(engine, request, seed, on_text=on_text)
+                result = gen.expand(text, seed=seed, on_text=on_text)
             finally:
                 if on_text is not None:
                     on_text.end()  # the final prompt (or an error) starts on a line of its own
@@ -147,7 +147,8 @@ def expand(
             if verbose:
                 _report_timings(result, load_seconds, wall)
             return
-        out, interrupted = _variants(engine, request, variants, seed, kind, group_size, exploration, json_)
+        out, interrupted = _variants(gen, text, variants, seed, dict(sampler=sampler, group_size=group_size,
+                                                                    exploration=exploration), json_)
         if json_ and out is not None:
             doc = _common_json(text, request, resolved, engine, seed, load_seconds)
             doc.update(out.to_dict())
@@ -163,44 +164,24 @@ def expand(
         if verbose:
             info(f"{len(out.variants)} variants ({out.duplicates} duplicates removed), "
                  f"{out.tokens_decoded} tokens decoded in {out.wall_seconds:.2f}s")
-    finally:
-        engine.close()
 
 
-def _variants(engine, request, n: int, seed: int, sampler: str, group_size: int, exploration: float, json_: bool):
-    """Run `expand_variants`; in text mode each variant is printed as soon as it is final (one
+def _variants(gen, text: str, n: int, seed: int, options: dict, json_: bool):
+    """Run `gen.variants`; in text mode each variant is printed as soon as it is final (one
     line each, so that N variants stay N lines, as in kgen batch), so that `| head` ends the run
     early and a signal keeps what was printed. Returns (result, Interrupted or None): after
     SIGINT/SIGTERM the result holds the variants finished so far (None after a second signal)."""
     from kgen_cli.batchio import one_line
-    from kgen_cli.runner import expand_variants
     from kgen_cli.stopping import Interrupted, SignalStop
 
     show = None if json_ else (lambda result, _figures: write_result(one_line(result.formatted)))
     stop = SignalStop(watch_stdout=True)
     try:
         with stop.installed():
-            out = expand_variants(engine, request, n, seed, sampler=sampler, group_size=group_size,
-                                  exploration=exploration, check=stop.check, on_variant=show)
+            out = gen.variants(text, n, seed=seed, check=stop.check, on_variant=show, **options)
     except Interrupted as exc:
         return getattr(exc, "partial", None), exc
     return out, None
-
-
-def sampler_options(variants: int, sampler, group_size: int | None, exploration: float | None):
-    """(kind, group size, exploration): kind is "single" for -n 1, else the sampler. The TGTS
-    options are accepted with -n 1 (a script may vary N), but not against an explicit
-    `--sampler independent`, which has no tree to explore."""
-    from kgen_cli.tree import DEFAULT_EXPLORATION, DEFAULT_GROUP_SIZE
-
-    kind = (sampler.value if sampler else "tgts") if variants > 1 else "single"
-    if exploration is not None:
-        if not math.isfinite(exploration) or exploration < 0:
-            raise UsageError("--exploration must be a number >= 0")
-        if sampler is not None and sampler.value == "independent":
-            raise UsageError("--exploration is for --sampler tgts")
-    return (kind, DEFAULT_GROUP_SIZE if group_size is None else group_size,
-            DEFAULT_EXPLORATION if exploration is None else exploration)
 
 
 def _write_tree(path: Path, tree: dict) -> None:
@@ -208,51 +189,6 @@ def _write_tree(path: Path, tree: dict) -> None:
         path.write_text(json.dumps(tree, ensure_ascii=False), encoding="utf-8")
     except OSError as exc:
         raise KgenError(f"cannot write --tree-out {path}: {exc.strerror or exc}") from None
-
-
-def build_request(text: str, *, nl: str, family: str, quality_line: bool, tag_length, nl_length, operation,
-                  width, height, aspect_ratio, ban, retries, format_, escape_parens, temperature, top_p, top_k,
-                  min_p, repeat_penalty, max_tokens):
-    """Validate the CLI's generation options into a `pipeline.ExpandRequest` (UsageError on bad input)."""
-    from kgen_cli.engine import validate_params
-    from kgen_cli.formats.bans import BanList
-    from kgen_cli.formats.templates import resolve_format
-    from kgen_cli.pipeline import ExpandRequest, validate
-    from kgen_cli.sampling import FAMILY_DEFAULTS
-
-    ratio = _aspect_ratio(width, height, aspect_ratio)
-    if max_tokens is not None and max_tokens <= 0:
-        raise UsageError("--max-tokens must be a positive number of tokens")
-    params = FAMILY_DEFAULTS[family].with_overrides(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
-    )
-    validate_params(params, 0)  # what llama.cpp would refuse, before a model is loaded
-    request = ExpandRequest(
-        tags=text, nl=nl, family=family, tag_length=_level(tag_length), nl_length=_level(nl_length),
-        operation=operation, aspect_ratio=ratio, template=resolve_format(format_), bans=BanList.parse(ban or []),
-        retries=retries, params=params, quality_line=quality_line, escape_parens=escape_parens,
-    )
-    validate(request)
-    return request
-
-
-def _level(value) -> str:
-    return value.value if hasattr(value, "value") else str(value)
-
-
-def _aspect_ratio(width: int | None, height: int | None, aspect_ratio: float | None) -> float:
-    if (width is None) != (height is None):
-        raise UsageError("--width and --height go together")
-    if width is not None and aspect_ratio is not None:
-        raise UsageError("give either --width/--height or --aspect-ratio, not both")
-    if width is not None:
-        if width <= 0 or height <= 0:
-            raise UsageError("--width and --height must be positive")
-        return width / height
-    if aspect_ratio is not None and aspect_ratio <= 0:
-        raise UsageError("--aspect-ratio must be positive")
-    return 1.0 if aspect_ratio is None else aspect_ratio
 
 
 # C0 controls and DEL except tab and newline: model text must not drive the terminal (ESC would

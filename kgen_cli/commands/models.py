@@ -14,7 +14,7 @@ import typer
 from kgen_cli import download as dl
 from kgen_cli.console import stdout_is_tty, write_result
 from kgen_cli.errors import UsageError
-from kgen_cli.registry import LOCAL_QUANT_TYPES, ModelSpec, Registry, load_registry, looks_like_path, not_downloaded
+from kgen_cli.registry import LOCAL_QUANT_TYPES, ModelSpec, Registry, load_registry, looks_like_path
 
 app = typer.Typer(
     help="List, download and locate TIPO/DTG GGUF models.",
@@ -88,7 +88,7 @@ def model_path(name: NameArg = None) -> None:
     spec = _lookup(load_registry(), name)
     path = dl.local_path(spec)
     if path is None:
-        raise not_downloaded(spec.name)
+        raise dl.not_downloaded(spec.name)
     write_result(str(path))
 
 
