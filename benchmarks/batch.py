@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model calls: kgen {sum(len(d['calls']) for d in kgen_docs)}, peer {peer_out['calls']}")
     else:
         same = sum(d["calls"][0]["completion"] == t for d, t in zip(kgen_docs, peer_out["texts"]))
-    kgen_threads = args.threads or kengine._default_threads()
+    kgen_threads = args.threads or kengine.thread_policy().threads
 
     print()
     print(f"{'':28}{'wall s':>9}{'prompts/s':>11}{'tokens':>8}{'tok/s':>9}")

@@ -87,7 +87,7 @@ def child_raw(model: str, prompt: str, n: int, max_tokens: int, seed: int, threa
 
     ll = kengine._llama()
     params = FAMILY_DEFAULTS["tipo"].with_overrides(max_tokens=max_tokens)
-    threads = threads or kengine._default_threads()
+    threads = threads or kengine.thread_policy().threads
     mp = ll.llama_model_default_params()
     mp.use_extra_bufts = not kengine.cpu_has_amx()
     mdl = ll.llama_model_load_from_file(model.encode(), mp)

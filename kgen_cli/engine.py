@@ -8,7 +8,8 @@ shared/reference/LLAMA_CPP.md §6.1.
 
 Layout:
   1. GGUF header check (pure Python, no llama_cpp needed)
-  2. loading the bindings and routing llama.cpp's log
+  2. loading the bindings (after the OpenMP wait policy is in the environment, kgen_cli/threads.py)
+     and routing llama.cpp's log
   3. `kgen info` helpers and `quantize_model`
   4. sampler chains
   5. `Engine`: owns the model, the context and the batch
@@ -21,6 +22,8 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import importlib
+import importlib.util
 import math
 import mmap
 import os
@@ -29,11 +32,13 @@ import struct
 import sys
 import threading
 import time
+import types
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from kgen_cli import threads as _threads
 from kgen_cli.errors import EngineError, UsageError
 from kgen_cli.quant import QUANT_TYPES
 from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, Completion, CompletionRequest, SamplingParams, validate_params
@@ -315,6 +320,10 @@ _ll: ModuleType | None = None
 _log_verbose = False
 _log_errors: collections.deque[str] = collections.deque(maxlen=4)  # recent ERROR lines, for messages
 _log_callback: Any = None  # the ctypes callback object; must stay referenced while installed
+# What the loader did about the OpenMP wait policy: the variables it set, and whether libgomp was
+# already in the process (then nothing set now can reach it).
+_wait_applied: dict[str, str] = {}
+_gomp_preloaded = False
 
 # enum ggml_log_level in the vendored ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
 # (llama_cpp/_logger.py's comment still shows the older order, with ERROR = 3.)
@@ -375,17 +384,54 @@ def _signals_held():
                 signal.raise_signal(held[0])  # the default action: SIGTERM ends the process
 
 
+def _gomp_loaded() -> bool:
+    """Whether libgomp is mapped into this process already (Linux; False where unknown)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return b"libgomp" in maps.read()
+    except OSError:
+        return False
+
+
+def _bindings(name: str) -> ModuleType:
+    """`llama_cpp.<name>` without running llama_cpp/__init__.py when the package is not loaded yet:
+    that file imports the high-level `Llama` (numpy, jinja2, its chat formats), most of a cold
+    start, and kgen uses none of it. The package stands in as a bare module while the submodule
+    loads and is removed again, so a later `import llama_cpp` still runs the real __init__ (which
+    finds the submodules already loaded)."""
+    full = f"llama_cpp.{name}"
+    if "llama_cpp" in sys.modules or full in sys.modules:
+        return importlib.import_module(full)
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("No module named 'llama_cpp'")
+    stand_in = types.ModuleType("llama_cpp")
+    stand_in.__spec__, stand_in.__path__ = spec, list(spec.submodule_search_locations)
+    sys.modules["llama_cpp"] = stand_in
+    try:
+        return importlib.import_module(full)
+    finally:
+        if sys.modules.get("llama_cpp") is stand_in:
+            del sys.modules["llama_cpp"]
+
+
 def _llama() -> ModuleType:
-    """Import the bindings once, route llama.cpp's log through `_on_log`, init the backend."""
-    global _ll, _log_callback
+    """Import the bindings once, route llama.cpp's log through `_on_log`, init the backend.
+
+    libgomp reads its wait policy when it is loaded, with libllama: kgen's (threads.spin_env)
+    goes into os.environ first, unless the user set one."""
+    global _ll, _log_callback, _gomp_preloaded
     if _ll is None:
+        if not _wait_applied:
+            _gomp_preloaded = _gomp_loaded()
+            _wait_applied.update(_threads.spin_env(os.environ))
+            os.environ.update(_wait_applied)
         try:
-            import llama_cpp.llama_cpp as ll
+            ll = _bindings("llama_cpp")
         except (ImportError, OSError) as exc:
             raise EngineError(
                 f"llama-cpp-python could not be loaded: {exc}", hint="pip install llama-cpp-python==0.3.36"
             ) from exc
-        # Installed after llama_cpp's own import-time callback (llama_cpp/_logger.py), replacing it.
         _log_callback = ll.llama_log_callback(_on_log)
         ll.llama_log_set(_log_callback, None)
         ll.llama_backend_init()
@@ -394,9 +440,12 @@ def _llama() -> ModuleType:
 
 
 def set_verbose(verbose: bool) -> None:
-    """Show llama.cpp's log on stderr (True) or keep it silent (False). Process-wide."""
+    """Show llama.cpp's log on stderr (True) or keep it silent (False). Process-wide. Installs
+    `_on_log` again: a later `import llama_cpp` (llama_cpp/_logger.py) replaces it."""
     global _log_verbose
     _log_verbose = bool(verbose)
+    if _ll is not None:
+        _ll.llama_log_set(_log_callback, None)
 
 
 def _last_error(default: str = "see --verbose for llama.cpp's log") -> str:
@@ -437,10 +486,13 @@ def llama_version() -> str:
 
 def bindings_version() -> str:
     """The llama-cpp-python version (e.g. "0.3.36")."""
-    _llama()
-    import llama_cpp
+    import importlib.metadata
 
-    return str(llama_cpp.__version__)
+    _llama()
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:  # not installed as a distribution: ask the package
+        return str(importlib.import_module("llama_cpp").__version__)
 
 
 def system_info() -> str:
@@ -458,7 +510,7 @@ _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 def devices() -> list[dict]:
     """ggml backend devices: name, description, type, memory_free / memory_total (bytes)."""
     _llama()
-    from llama_cpp._ggml import libggml as g  # llama-cpp-python binds none of these; declare them
+    g = _bindings("_ggml").libggml  # llama-cpp-python binds none of these; declare them
 
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     for name, argtypes, restype in [
@@ -714,12 +766,16 @@ def cpu_has_amx() -> bool:
     return "AMX_INT8 = 1" in system_info()
 
 
-def _default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))  # beyond ~8 threads a small model's decode stops scaling
+def thread_policy(n_threads: int | None = None) -> _threads.ThreadPolicy:
+    """The thread count an Engine opened now would start with, and the OpenMP wait policy in
+    effect for this process (loads the bindings, so that the policy is the one they got)."""
+    _llama()
+    policy = _threads.choose(n_threads)
+    if _gomp_preloaded:
+        policy.wait_source = "libgomp loaded before kgen could set it"
+    elif not _wait_applied:
+        policy.wait_source = "environment" if policy.wait else "libgomp default"
+    return policy
 
 
 @dataclass
@@ -799,7 +855,8 @@ class Engine:
 
                 want = n_ctx or n_ctx_train
                 want = -(-want // _CTX_PAD) * _CTX_PAD
-                threads = n_threads or _default_threads()
+                policy = thread_policy(n_threads)
+                threads = policy.threads
                 cp = _set_fields(
                     ll.llama_context_default_params(),
                     n_ctx=want,
@@ -828,6 +885,11 @@ class Engine:
                 self.n_batch: int = ll.llama_n_batch(ctx)
                 self.n_seq_max: int = ll.llama_n_seq_max(ctx)
                 self.n_threads = threads
+                self.thread_policy = policy
+                # Without --threads the count follows the machine's load between decodes.
+                self._governor = (
+                    _threads.ThreadGovernor(policy.cpus.usable, threads) if policy.adaptive else None
+                )
                 # One token belongs to one sequence: prompts are shared by llama_memory_seq_cp, not by
                 # tagging tokens with several ids.
                 self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
@@ -855,6 +917,7 @@ class Engine:
             "kv_unified": self.kv_unified,
             "n_seq_max": self.n_seq_max,
             "n_threads": threads,
+            "thread_policy": policy.to_dict(),
             "n_gpu_layers": int(n_gpu_layers),
             "extra_buffers": bool(extra_buffers),
         }
@@ -1191,6 +1254,9 @@ class BranchDecoder:
             rows[seq] = i - 1
         batch.n_tokens = i
 
+        if eng._governor is not None and (threads := eng._governor.poll()) is not None:
+            self._ll.llama_set_n_threads(eng._ctx, threads, threads)
+            eng.n_threads = threads
         rc = self._ll.llama_decode(eng._ctx, batch)
         eng.counters.decode_calls += 1
         # Every earlier logits row is gone now, whatever rc says.

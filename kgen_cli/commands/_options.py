@@ -57,7 +57,7 @@ ContextLengthOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option("--threads", min=1, rich_help_panel=ENGINE, help="CPU threads. \\[default: llama.cpp's]"),
+    typer.Option("--threads", min=1, rich_help_panel=ENGINE, help="CPU threads, fixed. \\[default: the usable CPUs less other processes' load, at most 8, followed while decoding; see kgen info]"),
 ]
 NlOpt = Annotated[
     str, typer.Option("--nl", rich_help_panel=GEN, help="Natural-language prompt (TIPO): alone or with tags."),

@@ -36,6 +36,7 @@ def collect() -> dict:
         "gpu_offload": engine.gpu_offload_supported(),
         "devices": engine.devices(),
         "system_info": engine.system_info(),
+        "threads": engine.thread_policy().to_dict(),
         "kgen_home": str(kgen_home()),
         "hf_cache": hf_cache,
         "hf_offline": offline,
@@ -44,11 +45,32 @@ def collect() -> dict:
     }
 
 
+def thread_lines(policy: dict) -> list[str]:
+    """The thread policy in effect and why, for `kgen info`."""
+    if policy["source"] == "kgen":
+        why = (f"kgen: {policy['cpus_usable']} usable CPUs less {policy['others_runnable']} runnable threads of "
+               f"other processes, at most {policy['max_threads']}; follows the load while decoding; --threads fixes it")
+        if policy["others_runnable"] is None:
+            why = f"kgen: {policy['cpus_usable']} usable CPUs, at most {policy['max_threads']}"
+    else:
+        why = f"{policy['source']}, fixed"
+    quota = "none" if policy["cpu_quota"] is None else f"{policy['cpu_quota']:g} CPUs"
+    wait = " ".join(f"{k}={v}" for k, v in policy["wait"].items()) or "spin 300000, then sleep"
+    whose = {"kgen": "set by kgen; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment win",
+             "environment": "from your environment"}.get(policy["wait_source"], policy["wait_source"])
+    return [
+        f"threads         {policy['threads']} ({why})",
+        f"  CPUs          {policy['cpus_online']} online, {policy['cpus_affinity']} in the affinity mask, "
+        f"cgroup quota {quota}",
+        f"  OpenMP wait   {wait} ({whose})",
+    ]
+
+
 def info(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Show llama.cpp's version and system info, GPU offload support and devices, kgen's
-    directories, and which registry models are downloaded."""
+    """Show llama.cpp's version and system info, GPU offload support and devices, the CPU thread
+    policy in effect and why, kgen's directories, and which registry models are downloaded."""
     data = collect()
     if json_:
         write_result(json.dumps(data, ensure_ascii=False))
@@ -63,6 +85,7 @@ def info(
         lines.append(f"  device        {dev.get('name', '?')} {desc}".rstrip())
     lines += [
         f"system          {data['system_info'].strip()}",
+        *thread_lines(data["threads"]),
         f"kgen home       {data['kgen_home']}",
         f"HF cache        {data['hf_cache']}" + ("  (offline)" if data["hf_offline"] else ""),
         f"default model   {data['default_model']}",
