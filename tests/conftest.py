@@ -1,8 +1,27 @@
-"""Shared fixtures: an isolated kgen home for every test, and the real SmolLM2 test model."""
+"""Shared fixtures: an isolated kgen home for every test, and the real SmolLM2 test model.
+
+Model tests (`model_path`, marker `model`) must pass on any CPU. llama.cpp's kernels differ
+between CPUs and thread counts, so the exact tokens SmolLM2 writes differ too. A model test may
+assert determinism within one run (same seed twice, batched = one at a time), structure (valid
+JSON, N distinct lines at most, every call inside the context), exit codes, and the counts the
+code guarantees; never a figure that only one machine's logits produce: a number of rounds,
+repeats or retries, a specific token or string the model wrote, a count reached only for one
+seed. Situations that need such a figure (a tree stopped by its budget, variants that repeat)
+are forced on the fake decoder (tests/fake_decoder.py) or with a controlled output
+(monkeypatching the pipeline's result), or sampled so that any model gives them (temperature 0
+for repeats, a flat distribution for differences).
+
+KGEN_TEST_THREADS=N runs every model test with N llama.cpp threads (default 1: explicit
+`--threads` in the tests; Engines opened without n_threads get it through OMP_NUM_THREADS, which
+kgen honours). Check a change with two thread counts:
+    KGEN_TEST_THREADS=1 python -m pytest -m model
+    KGEN_TEST_THREADS=2 python -m pytest -m model
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +37,11 @@ def smollm2_path() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     return path if path.is_file() else None
+
+
+def pytest_configure(config):
+    if os.environ.get("KGEN_TEST_THREADS"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["KGEN_TEST_THREADS"]  # kgen's thread count (kgen_cli/threads.py)
 
 
 def llama_cpp_available() -> bool:

@@ -2,7 +2,8 @@
 real SmolLM2 GGUF (junk text: these tests check behaviour, never quality).
 
 Model runs use `--retries 0 --max-tokens 8 --format tag-only` (one short model call per prompt)
-and `--threads 1` (steady on a busy machine; the thread count does not change the results).
+and `--threads KGEN_TEST_THREADS` (default 1). What SmolLM2 writes differs between CPUs: model
+tests assert what holds for any text (see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kgen_cli.options import GenerationOptions
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.sampling import FAMILY_DEFAULTS, CompletionRequest, derive_seed
 from kgen_cli.scheduler import Scheduler
+from kgen_main import THREADS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -394,7 +396,7 @@ def test_default_context_runs_16_tipo_calls_at_once():
 # The command on the real model
 # ---------------------------------------------------------------------------------------------
 
-FAST = ("--family", "tipo", "--retries", "0", "--max-tokens", "8", "--format", "tag-only", "--threads", "1")
+FAST = ("--family", "tipo", "--retries", "0", "--max-tokens", "8", "--format", "tag-only", "--threads", THREADS)
 
 
 def env_for(home: Path) -> dict[str, str]:
@@ -462,7 +464,7 @@ def test_stdin_jsonl_in_order_with_16_sequences_at_once_and_refills(model_path, 
     assert s["refills"] >= 8  # finished sequences were replaced while others still decoded
     assert s["shared"] >= 16 * s["refills"]  # refills fork the TIPO header of a live prompt
     assert "one shared KV buffer" in proc.stderr.decode()  # short single calls: shared cells
-    assert s["steps"] < sum(d["calls"][0]["n_tokens"] for d in docs) / 2
+    assert s["steps"] < s["calls"]  # many sequences per decode (one at a time takes a step per call at least)
 
 
 @pytest.mark.model
@@ -623,7 +625,8 @@ def test_variants_grouped_per_input(model_path, isolated_home, tmp_path):
     docs = [json.loads(line) for line in proc.stdout.decode().splitlines()]
     assert [d["index"] for d in docs] == [0, 1, 2]
     for i, d in enumerate(docs):
-        assert 1 <= len(d["variants"]) <= 3 and len(d["variants"]) + d["duplicates_removed"] == 3
+        # fewer than 3 only after repeats (how many repeat depends on the CPU's logits)
+        assert 1 <= len(d["variants"]) <= 3 and (len(d["variants"]) == 3 or d["duplicates_removed"] > 0)
         assert d["seed"] == 5 + i and "timings" not in d
         assert all("generate_seconds" not in c for v in d["variants"] for c in v["calls"])
 
@@ -642,17 +645,20 @@ def test_variants_grouped_per_input(model_path, isolated_home, tmp_path):
     assert greedy.stderr.decode().splitlines() == [
         f"line {i}: only 1 of 3 distinct variants: the model kept repeating itself" for i in (1, 2, 3)]
 
-    # Independent variants at TIPO's low default temperature repeat often: each input still gets
-    # N distinct ones, the repeats replaced by later variants (seeds past S + N - 1).
+    # Independent variants at TIPO's low default temperature repeat often: each input gets up to
+    # N distinct ones, the repeats replaced by later variants (seeds past S + N - 1); fewer only
+    # when the rounds ran out, with a note (forced on the fake decoder above).
     src = write_prompts(tmp_path / "in2.txt", ["1girl, solo", "cat ears", "scenery"])
     proc = kgen_batch(model_path, isolated_home, str(src), "-n", "4", "--sampler", "independent", "--seed", "5",
                       "--output-format", "jsonl", "--no-timings")
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     for i, d in enumerate(json.loads(line) for line in proc.stdout.decode().splitlines()):
         lines_out = [v["formatted"] for v in d["variants"]]
-        assert d["index"] == i and len(set(lines_out)) == len(lines_out) == 4
+        assert d["index"] == i and len(set(lines_out)) == len(lines_out) and 1 <= len(lines_out) <= 4
+        assert len(lines_out) == 4 or f"line {i + 1}: only {len(lines_out)} of 4" in proc.stderr.decode()
         seeds = [v["seed"] for v in d["variants"]]
-        assert seeds == sorted(seeds) and (seeds == list(range(5 + i, 9 + i))) == (d["duplicates_removed"] == 0)
+        # kept in the order the samples ended (an end-of-text may come early): compared as sets
+        assert (sorted(seeds) == list(range(5 + i, 9 + i))) == (d["duplicates_removed"] == 0)
 
 
 @pytest.mark.model

@@ -2,9 +2,11 @@
 the llama.cpp BranchDecoder, each variant through the normal pipeline (issue 4).
 
 SmolLM2 writes junk for our formats: these tests check behaviour (N distinct lines, determinism,
-the JSON totals, the tree file, pools smaller than N, no llama.cpp abort), never quality. Every
-run is short (--max-tokens <= 32, --retries 0, --threads 1: one thread is robust on a loaded
-2-core machine) and runs with identical arguments are made once per module.
+the JSON totals, the tree file, pools smaller than N, no llama.cpp abort), never quality, and
+never a count that depends on the exact text (how many variants repeat, rounds: those
+situations are forced on the fake decoder; see tests/conftest.py). Every run is short
+(--max-tokens <= 32, --retries 0, --threads KGEN_TEST_THREADS or 1) and runs with identical
+arguments are made once per module.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from kgen_main import run_main
+from kgen_cli import runner
+from kgen_main import THREADS, run_main
 from kgen_cli.batchio import one_line
 from kgen_cli.pipeline import drive, run_expand
 from kgen_cli.sampling import Completion, derive_seed
 
 PROMPT = "1girl, dragon horns"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FAST = ("--threads", "1", "--retries", "0")
+FAST = ("--threads", THREADS, "--retries", "0")
 
 model = pytest.mark.model
 
@@ -66,10 +69,12 @@ def test_tgts_prints_n_distinct_lines_identically_twice(model_path):
     totals = doc["totals"]
     # a second run (the --json one) made the same variants, in the same order
     assert [v["formatted"] for v in doc["variants"]] == lines
-    assert totals["requested"] == 16 and totals["variants"] == len(lines) and totals["stop_reason"] == "complete"
-    # outputs that format alike are replaced by further rounds: 16 lines, the repeats counted
-    assert len(lines) == 16 and totals["rounds"] >= 1
-    assert totals["duplicates_removed"] >= 0 if totals["rounds"] == 1 else totals["duplicates_removed"] > 0
+    assert totals["requested"] == 16 and totals["variants"] == len(lines) and 1 <= len(lines) <= 16
+    assert 1 <= totals["rounds"] <= runner.MAX_ROUNDS
+    # Fewer than asked only when the model kept repeating itself (or the tree had no room), and
+    # the note says so; how many repeat depends on the CPU's logits, so no count is asserted.
+    note = runner.shortfall(len(lines), 16, totals["stop_reason"])
+    assert (note is None) == (len(lines) == 16) and (note is None or note in err)
 
 
 @model
@@ -79,7 +84,7 @@ def test_a_multi_line_format_gives_one_line_per_variant(model_path):
     code, out, err = variants_run(model_path, *args)
     assert code == 0, err
     exact = [v["formatted"] for v in json_run(model_path, *args)["variants"]]
-    assert len(exact) == 4 and any("\n" in f for f in exact)  # the preset spans lines; --json keeps it
+    assert 1 <= len(exact) <= 4 and all("\n" in f for f in exact)  # the preset spans lines; --json keeps it
     assert lines_of(out) == [one_line(f) for f in exact]  # joined with spaces, as kgen batch's text output
 
 
@@ -153,7 +158,7 @@ def test_tree_out_write_failure_keeps_the_results(model_path):
                               "--seed", "5", "--max-tokens", "12", "--operation", "None", "--json",
                               "--tree-out", "/dev/full")
     assert code == 1
-    assert len(json.loads(out)["variants"]) == 3
+    assert 1 <= len(json.loads(out)["variants"]) <= 3
     assert err.strip().splitlines()[-1] == "Error: cannot write --tree-out /dev/full: No space left on device"
 
 
@@ -173,15 +178,16 @@ def test_independent_sampler_and_both_families(model_path, family):
         for v in doc["variants"]:
             assert v["depth"] >= 1 and 0 <= v["score"] <= 1 and v["tokens_decoded"] >= 1
             assert v["calls"][0]["seed"] == v["seed"]  # the seed its single expand would use
-        if sampler == "independent":  # every sample is returned, repeats are removed after formatting
-            assert totals["variants"] + totals["duplicates_removed"] == 6
+        # Fewer than 6 only after repeats (independent samples never stop short otherwise).
+        if sampler == "independent":
+            assert totals["variants"] == 6 or totals["duplicates_removed"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
 # streaming: each line as soon as its variant is final; signals and `| head` keep what is out
 
 # Retry chains of different lengths end the variants seconds apart (the last ~3 s after the first)
-SPREAD = ("-n", "6", "--family", "tipo", "--seed", "3", "--max-tokens", "16", "--retries", "3", "--threads", "1")
+SPREAD = ("-n", "6", "--family", "tipo", "--seed", "3", "--max-tokens", "16", "--retries", "3", "--threads", THREADS)
 
 
 def start_expand(model_path: Path, home: Path, *args: str) -> subprocess.Popen:
@@ -221,25 +227,33 @@ def test_a_closed_pipe_ends_the_run_quietly(model_path, isolated_home):
 @model
 def test_sigterm_with_json_writes_the_variants_so_far(model_path, monkeypatch):
     """The document after a signal: what was final, stop_reason 'interrupted', exit 143. The
-    signal is simulated before the 111th step() (SignalStop.check runs before each one);
-    the first variant of this run is final at step 96, the others from step 120 on."""
+    signal is simulated at the first SignalStop.check (run before every step()) after the
+    first variant was kept, whichever step that is on this CPU."""
     from kgen_cli.stopping import Interrupted, SignalStop
 
-    steps = iter(range(10**6))
-    real_check = SignalStop.check
+    kept, checks = [], [0]
+    real_check, real_done = SignalStop.check, runner._Judge.done
+
+    def done(self, value, error, figures):
+        finished = real_done(self, value, error, figures)
+        kept.append(len(self.kept))
+        return finished
 
     def check(self):
-        if next(steps) == 110:
+        if kept and kept[-1] >= 1:
             raise Interrupted(signal.SIGTERM)
+        checks[0] += 1
         real_check(self)
 
+    monkeypatch.setattr(runner._Judge, "done", done)
     monkeypatch.setattr(SignalStop, "check", check)
     code, out, err = run_main("expand", PROMPT, "--model", str(model_path), *SPREAD, "--json")
     assert code == 128 + signal.SIGTERM, err
     doc = json.loads(out)
     totals = doc["totals"]
     assert totals["stop_reason"] == "interrupted" and 1 <= totals["variants"] == len(doc["variants"]) < 6
-    assert totals["tokens_decoded"] > 0 and totals["decode_steps"] == 111  # the prompt's decode + 110 steps
+    assert totals["variants"] == kept[-1]  # what was final when the signal came, nothing after
+    assert totals["tokens_decoded"] > 0 and totals["decode_steps"] == checks[0] + 1  # the prompt, + a step per check
     assert f"interrupted: {len(doc['variants'])} of 6 variants written" in err
 
 
@@ -250,18 +264,18 @@ def test_sigterm_with_json_writes_the_variants_so_far(model_path, monkeypatch):
 @model
 def test_more_variants_than_the_pool_through_the_runner(model_path):
     """A pool of 4 sequence ids (anchor + 3) serves 12 variants: work queues, nothing aborts."""
-    from kgen_cli import runner
     from kgen_cli.options import GenerationOptions
 
     request = GenerationOptions(operation="None", retries=0, temperature=1.0, max_tokens=12).request(
         PROMPT, family="tipo")
-    engine, _ = runner.open_engine(runner.EngineConfig(model_path=str(model_path), n_seq_max=4, threads=1,
+    engine, _ = runner.open_engine(runner.EngineConfig(model_path=str(model_path), n_seq_max=4, threads=int(THREADS),
                                                        n_ctx=1024))
     try:
         for sampler in ("tgts", "independent"):
             out = runner.expand_variants(engine, request, 12, 7, sampler=sampler)
-            assert len(out.variants) + out.duplicates == 12 or out.stop_reason != "complete"
-            assert len(out.variants) >= 6
+            # 12, unless repeats (how many depends on the CPU's logits) or the tree stopped short
+            assert 1 <= len(out.variants) <= 12
+            assert len(out.variants) == 12 or out.duplicates > 0 or out.stop_reason != "complete"
             assert len({v.formatted for v in out.variants}) == len(out.variants)
             if sampler == "tgts":
                 assert out.tree["stats"]["peak_live_seqs"] <= 4
@@ -304,7 +318,7 @@ def test_new_sampler_history_feeds_the_repetition_penalty(model_path):
 
     greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, max_tokens=4)
     penalized = greedy.with_overrides(repeat_penalty=50.0)
-    with Engine(model_path, n_ctx=256, n_seq_max=4, n_threads=1) as engine, engine.branches() as bd:
+    with Engine(model_path, n_ctx=256, n_seq_max=4, n_threads=int(THREADS)) as engine, engine.branches() as bd:
         seq = bd.start(engine.tokenize(PROMPT))
         best = bd.fork(seq, bd.length(seq))  # shares the pending logits row
         other = bd.fork(seq, bd.length(seq))
@@ -331,7 +345,7 @@ def test_a_tree_stopped_by_its_token_budget_is_topped_up(monkeypatch):
     rounds of independent samples (jobs 8, 9, ...) find the rest. Greedy decoding, which could
     only repeat itself, gets no top-up round."""
     from fake_decoder import FakeEngine
-    from kgen_cli import runner, tree
+    from kgen_cli import tree
     from kgen_cli.options import GenerationOptions
 
     monkeypatch.setattr(tree, "BUDGET_FACTOR", tree.BUDGET_FACTOR / 4)
