@@ -46,6 +46,21 @@ def test_importing_engine_does_not_load_llama_cpp():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
+def test_the_bindings_load_without_the_high_level_package():
+    """kgen needs llama_cpp.llama_cpp only: llama_cpp/__init__.py (Llama, numpy, jinja2) stays out
+    of a kgen run's start, and a later `import llama_cpp` still gets the whole package, with
+    kgen's log routing back once an Engine opens (set_verbose)."""
+    pytest.importorskip("llama_cpp")
+    code = (
+        "import sys\nfrom kgen_cli import engine\nll = engine._llama()\n"
+        "assert not any(m in sys.modules for m in ('llama_cpp', 'llama_cpp.llama', 'numpy', 'jinja2'))\n"
+        "assert engine.bindings_version() == '0.3.36' and engine.devices()\n"
+        "import llama_cpp\nassert llama_cpp.Llama and llama_cpp.llama_cpp is ll\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_check_gguf_accepts_a_minimal_llama_header(tmp_path):
     path = write_gguf(tmp_path / "ok.gguf", {"general.architecture": "llama", "general.name": "tiny"})
     check_gguf(path)
