@@ -144,13 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     if not workloads or set(workloads) - set(WORKLOADS):
         ap.error(f"--workloads takes a subset of {','.join(WORKLOADS)}")
 
-    from batch import make_inputs, request_options
-    from kgen_cli.commands.expand import build_request
+    from batch import make_inputs, tipo_prompts
+    from kgen_cli.options import GenerationOptions
     from kgen_cli.pipeline import first_prompt
     from kgen_cli.sampling import FAMILY_DEFAULTS
 
-    opts = request_options("tipo", MAX_TOKENS, "one-call")
-    prompt = first_prompt(build_request(PROMPT, **dict(opts, operation="None", format_="oneline")))
+    prompt = first_prompt(GenerationOptions(operation="None", retries=0, max_tokens=MAX_TOKENS).request(
+        PROMPT, family="tipo"))
     inputs = make_inputs(BATCH_PROMPTS)
     sampling = FAMILY_DEFAULTS["tipo"].to_dict()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_jobs = {
             "n16": [(prompt, SEED + i) for i in range(N_VARIANTS)],
             "single": [(prompt, SEED)],
-            "batch": [(first_prompt(build_request(t, **opts)), 1 + i) for i, t in enumerate(inputs)],
+            "batch": [(p, 1 + i) for i, p in enumerate(tipo_prompts(inputs, "tipo", MAX_TOKENS))],
         }
         base = [sys.executable, "-m", "kgen_cli"]
         expand = [*base, "expand", PROMPT, "--model", str(args.model), "--family", "tipo", "--operation", "None",
