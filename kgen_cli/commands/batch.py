@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.console import err_console, info, require_open, stderr_is_tty
+from kgen_cli.console import info, require_open, status_line
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
@@ -283,24 +283,35 @@ class _BatchState:
 
 @contextmanager
 def _progress(quiet: bool, total: int | None):
-    """Progress on stderr (done/total, prompts/s, tokens/s, ETA) only when stderr is a terminal."""
-    if quiet or not stderr_is_tty():
-        yield lambda _result: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    started = time.perf_counter()
-    counts = {"done": 0, "tokens": 0}
-    with Progress(TextColumn("expanding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task("batch", total=total, rate="")
+    """Progress on stderr (done/total, prompts/s, tokens/s, time left) only when stderr is a
+    terminal: one line that results and messages print above (`console.StatusLine`)."""
+    with status_line(enabled=not quiet) as line:
+        if line is None:
+            yield lambda _result: None
+            return
+        started = time.perf_counter()
+        counts = {"done": 0, "tokens": 0}
+        line.show(_progress_text(0, total, 0, 0.0))
 
         def advance(result) -> None:
             counts["done"] += 1
             if result is not None:
                 counts["tokens"] += result.get("tokens", 0)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=1,
-                       rate=f"{counts['done'] / elapsed:.2f} prompts/s, {counts['tokens'] / elapsed:.0f} tok/s")
+            line.show(_progress_text(counts["done"], total, counts["tokens"], time.perf_counter() - started))
 
         yield advance
+
+
+def _progress_text(done: int, total: int | None, tokens: int, elapsed: float) -> str:
+    """`expanding [#####-----] 3/6  0.90 prompts/s, 22 tok/s, 0:00:03 left`."""
+    parts = ["expanding"]
+    if total:
+        filled = min(20, round(20 * done / total))
+        parts.append("[" + "#" * filled + "-" * (20 - filled) + "]")
+    parts.append(f"{done}/{total}" if total is not None else str(done))
+    if done and elapsed > 0:
+        parts.append(f"{done / elapsed:.2f} prompts/s, {tokens / elapsed:.0f} tok/s")
+        if total:
+            left = int(max(total - done, 0) * elapsed / done)
+            parts[-1] += f", {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d} left"
+    return " ".join(parts)

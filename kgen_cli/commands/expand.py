@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.console import info, require_open, stdout_is_tty, write_result
+from kgen_cli.console import info, plain_output, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
@@ -197,17 +197,20 @@ _CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]
 
 
 class _TerminalStream:
-    """Generated text, dimmed, live on the terminal (stdout is one when this is used)."""
+    """Generated text, dimmed, live on the terminal (stdout is one when this is used); plain
+    under NO_COLOR or TERM=dumb."""
 
     def __init__(self) -> None:
         self.at_line_start = True
+        self.dim = not plain_output()
 
     def __call__(self, text: str) -> None:
         text = text.translate(_CONTROLS)
         if not text:
             return
-        # Dim each line's text; the newlines themselves stay outside the escape sequences.
-        sys.stdout.write("\n".join(f"\x1b[2m{line}\x1b[0m" if line else "" for line in text.split("\n")))
+        if self.dim:  # each line's text; the newlines themselves stay outside the escape sequences
+            text = "\n".join(f"\x1b[2m{line}\x1b[0m" if line else "" for line in text.split("\n"))
+        sys.stdout.write(text)
         sys.stdout.flush()
         self.at_line_start = text.endswith("\n")
 

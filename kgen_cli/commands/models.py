@@ -12,14 +12,19 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import download as dl
-from kgen_cli.console import stdout_is_tty, write_result
+from kgen_cli.console import help_as_usage_error, make_console, stdout_is_tty, write_result
 from kgen_cli.errors import UsageError
 from kgen_cli.registry import LOCAL_QUANT_TYPES, ModelSpec, Registry, load_registry, looks_like_path
 
-app = typer.Typer(
-    help="List, download and locate TIPO/DTG GGUF models.",
-    no_args_is_help=True,
-)
+app = typer.Typer(invoke_without_command=True)
+
+
+@app.callback()
+def models(ctx: typer.Context) -> None:
+    """List, download and locate TIPO/DTG GGUF models."""
+    if ctx.invoked_subcommand is None:  # `kgen models` alone: the help on stderr, exit 2
+        help_as_usage_error(ctx)
+
 
 NameArg = Annotated[
     Optional[str],
@@ -117,7 +122,6 @@ def _yes(value: bool) -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(caption="* default", caption_justify="left")
@@ -128,7 +132,7 @@ def _print_table(rows: list[dict]) -> None:
         table.add_row(name, row["family"], row["quant"], _human_size(row["size"]),
                       "[green]yes[/green]" if row["downloaded"] else "[red]bad file[/red]" if row["problem"] else "no",
                       row["repo"])  # fmt: skip
-    Console(highlight=False).print(table)
+    make_console(stderr=False).print(table)
 
 
 def _human_size(size: int | None) -> str:
