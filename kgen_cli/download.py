@@ -7,9 +7,10 @@ so later runs find them. Progress bars are huggingface_hub's tqdm bars on stderr
 already on disk are used.
 
 A file whose size or sha256 the registry knows is checked after every download and before first
-use; a file that passed is recorded in `<kgen home>/verified.json` (by real path, size and mtime),
-so a 500 MB model is hashed once, not on every run. A file that fails is deleted after a download,
-and refused when found on disk.
+use; every file hashed is recorded with its sha256 in `<kgen home>/verified.json` (by real path,
+size and mtime), so a 500 MB model is hashed once, not on every run, and `kgen models list` can
+say "corrupt" for a file that failed without hashing it again ("unverified" until it is first
+used). A file that fails is deleted after a download, and refused when found on disk.
 
 A locally quantised variant (`NAME@QTYPE`) lives in `<kgen home>/quantized/NAME-QTYPE.gguf`.
 """
@@ -126,16 +127,45 @@ def _cached_file(spec: ModelSpec) -> Path | None:
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 
-def size_mismatch(spec: ModelSpec, path: Path) -> str | None:
-    """What is wrong with a file whose size is not the registry's (a stat, no hashing), or None."""
+def disk_status(spec: ModelSpec) -> tuple[str, Path | None, str | None]:
+    """(status, path, problem) for `models list` and `kgen info`, never hashing: status is
+    "yes", "unverified" or "corrupt" (see `file_state`) for a file on disk, "no" without one."""
+    path = local_path(spec, verify=False)
+    if path is None:
+        return "no", None, None
+    state, problem = file_state(spec, path)
+    return {"ok": "yes"}.get(state, state), path, problem
+
+
+def file_state(spec: ModelSpec, path: Path) -> tuple[str, str | None]:
+    """What is known about a file on disk without hashing it, as (state, problem):
+
+    - "ok": it matches every check the registry has, or the sha256 recorded for it does;
+    - "unverified": the registry has a sha256 that this file (at its size and mtime) was never
+      hashed against; the first use (`models path`, a run) hashes it;
+    - "corrupt": a wrong size, an unreadable file, or a recorded sha256 that is not the registry's
+      (`problem` says which). `models path` and the commands refuse it."""
     try:
-        return _wrong_size(spec, path.stat().st_size)
+        real = path.resolve()
+        stat = real.stat()
     except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
+        return "corrupt", f"cannot be read ({exc.strerror})"
+    if problem := _wrong_size(spec, stat.st_size):
+        return "corrupt", problem
+    if spec.sha256 is None:
+        return "ok", None
+    digest = _recorded_digest(real, stat)
+    if digest is None:
+        return "unverified", None
+    return ("ok", None) if digest == spec.sha256 else ("corrupt", _wrong_digest(spec, digest))
 
 
 def _wrong_size(spec: ModelSpec, size: int) -> str | None:
     return f"is {size} bytes, expected {spec.size}" if spec.size is not None and size != spec.size else None
+
+
+def _wrong_digest(spec: ModelSpec, digest: str) -> str:
+    return f"has sha256 {digest}, expected {spec.sha256}"
 
 
 def _identity(path: Path | None) -> tuple[int, int, int] | None:
@@ -368,12 +398,13 @@ def _check_file(spec: ModelSpec, path: Path, *, delete_bad: bool) -> None:
     except OSError as exc:
         raise DownloadError(f"{spec.name}: cannot read {path}: {exc.strerror}") from exc
     problem = _wrong_size(spec, stat.st_size)
-    if problem is None and spec.sha256 is not None and not _is_verified(real, stat, spec.sha256):
-        digest = file_sha256(real)
+    if problem is None and spec.sha256 is not None:
+        digest = _recorded_digest(real, stat)
+        if digest is None:
+            digest = file_sha256(real)
+            _record_digest(real, stat, digest)  # a bad one too: `models list` then says "corrupt"
         if digest != spec.sha256:
-            problem = f"has sha256 {digest}, expected {spec.sha256}"
-        else:
-            _mark_verified(real, stat, spec.sha256)
+            problem = _wrong_digest(spec, digest)
     if problem is None:
         return
     if delete_bad:
@@ -387,12 +418,16 @@ def _check_file(spec: ModelSpec, path: Path, *, delete_bad: bool) -> None:
     raise DownloadError(f"{spec.name}: {path} {problem}", hint=f"run: kgen models download {spec.name} --force")
 
 
-def _is_verified(real: Path, stat: os.stat_result, sha256: str) -> bool:
+def _recorded_digest(real: Path, stat: os.stat_result) -> str | None:
+    """The sha256 recorded for this file when it had this size and mtime, else None."""
     entry = _read_state(VERIFIED_FILE).get(str(real))
-    return entry == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    if not isinstance(entry, dict) or (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+        return None
+    digest = entry.get("sha256")
+    return digest if isinstance(digest, str) else None
 
 
-def _mark_verified(real: Path, stat: os.stat_result, sha256: str) -> None:
+def _record_digest(real: Path, stat: os.stat_result, sha256: str) -> None:
     state = _read_state(VERIFIED_FILE)
     state = {key: value for key, value in state.items() if os.path.exists(key)}  # forget deleted files
     state[str(real)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}

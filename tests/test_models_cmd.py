@@ -253,5 +253,40 @@ def test_a_file_of_the_wrong_size_is_not_listed_as_downloaded(tmp_path):
     row = models["tipo-500m-q8_0"]
     assert row["downloaded"] is False and row["path"] == str(bad) and row["size"] == 540629120
     assert row["problem"] == "is 40 bytes, expected 540629120"
-    assert rows["tipo-500m-q8_0"][3:5] == ["540629120", "no"]
+    assert rows["tipo-500m-q8_0"][3:5] == ["540629120", "corrupt"]
     assert "tipo-500m-q8_0" not in present
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["good", "corrupt"])
+def test_list_info_and_path_agree_on_a_file_checked_lazily_against_its_sha256(tmp_path, isolated_home, capsys, good):
+    """Right size, sha256 never checked: "unverified" (list does not hash 500 MB files); the
+    first use hashes it, and from then on list, info and path all say the same thing."""
+    import hashlib
+
+    content = b"GGUF tiny model"
+    sha = hashlib.sha256(content if good else b"something else").hexdigest()
+    (isolated_home / "models.yaml").write_text(
+        f"models:\n  - {{name: tiny, family: tipo, repo: someone/tiny, file: tiny.gguf, quant: Q8_0,"
+        f" context_length: 1024, size: {len(content)}, sha256: {sha}}}\n", encoding="utf-8")
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(content)
+    from kgen_cli.commands.info import collect
+
+    def states():
+        rows = {line.split("\t")[0]: line.split("\t")[4] for line in run_main(capsys, "models", "list")[1].splitlines()}
+        listed = {m["name"]: m for m in json.loads(run_main(capsys, "models", "list", "--json")[1])}["tiny"]
+        info = collect()
+        return rows["tiny"], listed["status"], listed["downloaded"], "tiny" in info["models_present"], \
+            "tiny" in info["models_unverified"], "tiny" in info["models_corrupt"]
+
+    with patch("kgen_cli.download.try_to_load_from_cache",
+               side_effect=lambda *, repo_id, filename, cache_dir: str(gguf) if filename == "tiny.gguf" else None):
+        assert states() == ("unverified", "unverified", True, True, True, False)
+        code, out, err = run_main(capsys, "models", "path", "tiny")  # the first use hashes it
+        if good:
+            assert (code, out, err) == (0, f"{gguf}\n", "")
+            assert states() == ("yes", "yes", True, True, False, False)
+        else:
+            assert code == 1 and out == "" and "has sha256" in err
+            assert states() == ("corrupt", "corrupt", False, False, False, True)
+            assert run_main(capsys, "models", "path", "tiny")[0] == 1  # refused again, not re-hashed silently

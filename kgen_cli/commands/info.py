@@ -18,11 +18,15 @@ def collect() -> dict:
     from kgen_cli.paths import kgen_home
 
     registry_ = registry.load_registry()
-    present = {}
+    present, unverified, corrupt = {}, [], {}
     for spec in registry_.models.values():
-        path = download.local_path(spec, verify=False)
-        if path is not None and download.size_mismatch(spec, path) is None:
+        status, path, problem = download.disk_status(spec)  # the words and checks of `models list`
+        if status in ("yes", "unverified"):
             present[spec.name] = str(path)
+            if status == "unverified":
+                unverified.append(spec.name)
+        elif status == "corrupt":
+            corrupt[spec.name] = problem
     try:
         from huggingface_hub import constants as hf_constants
 
@@ -41,6 +45,8 @@ def collect() -> dict:
         "hf_offline": offline,
         "default_model": registry_.default,
         "models_present": present,
+        "models_unverified": unverified,
+        "models_corrupt": corrupt,
     }
 
 
@@ -66,6 +72,11 @@ def info(
         f"kgen home       {data['kgen_home']}",
         f"HF cache        {data['hf_cache']}" + ("  (offline)" if data["hf_offline"] else ""),
         f"default model   {data['default_model']}",
-        "models present  " + (", ".join(sorted(data["models_present"])) or "none (kgen models download NAME)"),
+        "models present  " + (", ".join(f"{name} (unverified)" if name in data["models_unverified"] else name
+                                        for name in sorted(data["models_present"]))
+                              or "none (kgen models download NAME)"),
     ]
+    if data["models_corrupt"]:
+        lines.append("models corrupt  " + ", ".join(sorted(data["models_corrupt"]))
+                     + " (kgen models download NAME --force)")
     write_result("\n".join(lines))

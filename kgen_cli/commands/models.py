@@ -40,7 +40,8 @@ NameArg = Annotated[
 @app.command(
     "list",
     epilog="Piped, each model is one tab-separated line without a header: "
-    "name, family, quant, size in bytes (- if unknown), downloaded (yes/no), default (yes/no).",
+    "name, family, quant, size in bytes (- if unknown), downloaded (yes, no, unverified: sha256 not "
+    "checked yet, corrupt: fails its check), default (yes/no).",
 )
 def list_models(
     json_: Annotated[bool, typer.Option("--json", help="One JSON array with every field of every model.")] = False,
@@ -55,7 +56,7 @@ def list_models(
     else:
         for row in rows:
             size = "-" if row["size"] is None else str(row["size"])
-            fields = [row["name"], row["family"], row["quant"], size, _yes(row["downloaded"]), _yes(row["default"])]
+            fields = [row["name"], row["family"], row["quant"], size, row["status"], _yes(row["default"])]
             write_result("\t".join(fields))
 
 
@@ -107,12 +108,11 @@ def _lookup(registry: Registry, name: str | None) -> ModelSpec:
 
 
 def _row(registry: Registry, spec: ModelSpec) -> dict:
-    path = dl.local_path(spec, verify=False)  # no hashing here; a wrong size is seen at once
-    problem = dl.size_mismatch(spec, path) if path is not None else None
+    status, path, problem = dl.disk_status(spec)  # no hashing here: "unverified" until first used
     row = spec.to_dict()
-    if path is not None and spec.size is None and problem is None:
+    if path is not None and spec.size is None and status != "corrupt":
         row["size"] = path.stat().st_size
-    row.update(downloaded=path is not None and problem is None, path=None if path is None else str(path),
+    row.update(status=status, downloaded=status in ("yes", "unverified"), path=None if path is None else str(path),
                problem=problem, default=spec.name == registry.default)  # fmt: skip
     return row
 
@@ -121,16 +121,24 @@ def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
 
+_STATUS_STYLE = {"yes": "[green]yes[/green]", "unverified": "[yellow]unverified[/yellow]",
+                 "corrupt": "[red]corrupt[/red]", "no": "no"}  # fmt: skip
+
+
 def _print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
-    table = Table(caption="* default", caption_justify="left")
+    notes = ["* default"]
+    if any(row["status"] == "unverified" for row in rows):
+        notes.append("unverified: sha256 not checked yet (the first use checks it, or: kgen models path NAME)")
+    if any(row["status"] == "corrupt" for row in rows):
+        notes.append("corrupt: fails its size or sha256 check (kgen models download NAME --force)")
+    table = Table(caption="\n".join(notes), caption_justify="left")
     for header in ("Name", "Family", "Quant", "Size", "Downloaded", "Repository"):
         table.add_column(header, justify="right" if header == "Size" else "left", no_wrap=header == "Name")
     for row in rows:
         name = f"[bold]{row['name']} *[/bold]" if row["default"] else row["name"]
-        table.add_row(name, row["family"], row["quant"], _human_size(row["size"]),
-                      "[green]yes[/green]" if row["downloaded"] else "[red]bad file[/red]" if row["problem"] else "no",
+        table.add_row(name, row["family"], row["quant"], _human_size(row["size"]), _STATUS_STYLE[row["status"]],
                       row["repo"])  # fmt: skip
     make_console(stderr=False).print(table)
 
