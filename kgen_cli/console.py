@@ -63,6 +63,18 @@ def info(text: str) -> None:
         err_console.print(text, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
 
+def human_size(size: int | None) -> str:
+    """Bytes for people, in decimal units as the hub shows them: 540.6 MB; '-' when unknown."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
 def write_result(text: str) -> None:
     """Write one result to stdout, newline-terminated, whole or not at all (`write_whole`)."""
     try:

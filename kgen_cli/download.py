@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kgen_cli.console import err_console
+from kgen_cli.console import err_console, human_size, info
 from kgen_cli.errors import DownloadError, EngineError, ModelNotFoundError
 from kgen_cli.paths import kgen_home
 from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
@@ -43,6 +43,11 @@ from kgen_cli.registry import (
 )
 
 VERIFIED_FILE = "verified.json"
+HUB_SIZES_FILE = "hub-sizes.json"
+# Seconds one request to the hub may take before kgen gives up on it; a failed attempt is tried
+# once more, so an unreachable hub fails in seconds (huggingface_hub alone retries for ~25 s).
+HUB_TIMEOUT = 4.0
+UNREACHABLE_HINT = "check the network; HF_HUB_OFFLINE=1 uses downloaded models only, -m PATH a local .gguf"
 LOCAL_FILES_FILE = "local-files.json"
 QUANTIZED_DIR = "quantized"
 _CHUNK = 1 << 20
@@ -61,6 +66,14 @@ def try_to_load_from_cache(**kwargs: Any) -> Any:
     from huggingface_hub import try_to_load_from_cache as impl
 
     return impl(**kwargs)
+
+
+def hub_file_size(repo: str, file: str, *, timeout: float) -> int | None:
+    """The file's size on the hub, from one HEAD request (no retry); raises the hub's errors,
+    or the HTTP client's for a hub that cannot be reached."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    return get_hf_file_metadata(hf_hub_url(repo, file), timeout=timeout).size
 
 
 def is_offline() -> bool:
@@ -259,6 +272,11 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
     kwargs["local_files_only"] = offline
     before = None if force else _identity(Path(kwargs["local_dir"]) / spec.file if local_dir is not None
                                           else _cached_file(spec))  # fmt: skip
+    if before is None and not offline:
+        size = _probe(spec)  # fails in seconds when the hub cannot be reached
+        if not quiet:
+            how_big = f" ({human_size(size)})" if size is not None else ""
+            info(f"downloading {spec.name}{how_big} from {spec.repo}")
     with _progress_bars(enabled=not quiet), _quiet_hub_log():
         try:
             found = hf_hub_download(**kwargs)
@@ -276,6 +294,79 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
     return path
 
 
+def _probe(spec: ModelSpec) -> int | None:
+    """Ask the hub for the file before downloading it: its size (the registry's when known), or
+    one DownloadError line within seconds when the hub cannot be reached or refuses the file."""
+    for attempt in range(2):
+        try:
+            size = hub_file_size(spec.repo, spec.file, timeout=HUB_TIMEOUT)
+        except Exception as exc:
+            if _unreachable(exc):
+                if attempt == 0:
+                    continue
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                raise DownloadError(f"{spec.name}: cannot reach the Hugging Face hub ({reason})",
+                                    hint=UNREACHABLE_HINT) from exc  # fmt: skip
+            error = _download_error(spec, exc, offline=False)
+            if error is None:
+                raise
+            raise error from exc
+        if size is not None:
+            _remember_hub_sizes({(spec.repo, spec.file): size})
+        return spec.size if spec.size is not None else size
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unreachable(exc: Exception) -> bool:
+    """A failure to talk to the hub at all (DNS, refused, timeout), not an answer from it. The
+    HTTP client differs between huggingface_hub versions (requests, httpx), so by kind: an
+    OSError or one of the client library's own errors, never an HTTP status from the hub."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, (errors.HfHubHTTPError, errors.HFValidationError, errors.OfflineModeIsEnabled)):
+        return False
+    client = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (OSError, TimeoutError)) or client in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def hub_sizes(specs: list[ModelSpec]) -> dict[str, int]:
+    """Sizes on the hub of registry files whose entry has none, by model name: remembered in
+    `<kgen home>/hub-sizes.json`, asked of the hub (in parallel, HUB_TIMEOUT each, at most once
+    a run after a failure to reach it) only for files not yet known and only when online."""
+    known = _read_state(HUB_SIZES_FILE)
+    sizes = {s.name: known[f"{s.repo}/{s.file}"] for s in specs if isinstance(known.get(f"{s.repo}/{s.file}"), int)}
+    missing = [s for s in specs if s.name not in sizes]
+    if not missing or is_offline():
+        return sizes
+    from concurrent.futures import ThreadPoolExecutor
+
+    unreachable = []
+
+    def ask(spec: ModelSpec) -> int | None:
+        if unreachable:
+            return None
+        try:
+            return hub_file_size(spec.repo, spec.file, timeout=HUB_TIMEOUT)
+        except Exception as exc:  # a listing shows '-' for what it could not learn
+            if _unreachable(exc):
+                unreachable.append(exc)
+            return None
+
+    with _quiet_hub_log(), ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(missing, pool.map(ask, missing)))
+    learned = {(s.repo, s.file): size for s, size in found.items() if size is not None}
+    _remember_hub_sizes(learned)
+    sizes.update({s.name: size for s, size in found.items() if size is not None})
+    return sizes
+
+
+def _remember_hub_sizes(sizes: dict[tuple[str, str], int]) -> None:
+    if sizes:
+        state = _read_state(HUB_SIZES_FILE)
+        state.update({f"{repo}/{file}": size for (repo, file), size in sizes.items()})
+        _write_state(HUB_SIZES_FILE, state)
+
+
 def _download_error(spec: ModelSpec, exc: Exception, *, offline: bool) -> DownloadError | None:
     """One line for each hub failure; None for anything that is not a download problem."""
     from huggingface_hub import errors
@@ -290,7 +381,7 @@ def _download_error(spec: ModelSpec, exc: Exception, *, offline: bool) -> Downlo
             return DownloadError(f"{spec.name}: {what} is not downloaded and HF_HUB_OFFLINE is set",
                                  hint="unset HF_HUB_OFFLINE to download it")  # fmt: skip
         return DownloadError(f"{spec.name}: cannot reach the Hugging Face hub and {what} is not cached",
-                             hint="check the network connection (or HF_ENDPOINT)")  # fmt: skip
+                             hint=UNREACHABLE_HINT)  # fmt: skip
     if isinstance(exc, errors.GatedRepoError):
         return DownloadError(f"{spec.name}: {spec.repo} is gated on the hub",
                              hint="accept its terms on huggingface.co, then `hf auth login` or set HF_TOKEN")  # fmt: skip

@@ -290,3 +290,106 @@ def test_list_info_and_path_agree_on_a_file_checked_lazily_against_its_sha256(tm
             assert code == 1 and out == "" and "has sha256" in err
             assert states() == ("corrupt", "corrupt", False, False, False, True)
             assert run_main(capsys, "models", "path", "tiny")[0] == 1  # refused again, not re-hashed silently
+
+
+# --- the hub at the network boundary: a real server on 127.0.0.1 as HF_ENDPOINT ------------------
+
+
+class _Hub:
+    """A stand-in for huggingface.co on 127.0.0.1: answers every file's HEAD with a size
+    (`answer=True`), or reads requests and never answers (`answer=False`). Counts the HEAD
+    requests (the metadata kgen asks for; huggingface_hub makes other requests of its own)."""
+
+    def __init__(self, answer: bool, size: int = 1234):
+        import socket
+        import threading
+
+        self.answer, self.size, self.heads = answer, size, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.held = []
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                self.heads += conn.recv(65536).startswith(b"HEAD ")
+            except OSError:
+                pass
+            if not self.answer:
+                self.held.append(conn)  # silent: the client's timeout must end it
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nETag: \"abc\"\r\nX-Repo-Commit: " + b"a" * 40
+                         + f"\r\nX-Linked-Size: {self.size}\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def _kgen_online(*args: str, home: Path, endpoint: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KGEN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"), "HF_ENDPOINT": endpoint}
+    env.pop("HF_HUB_OFFLINE", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "kgen_cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_models_list_fills_sizes_from_the_hub_and_remembers_them(isolated_home):
+    hub = _Hub(answer=True)
+    try:
+        proc = _kgen_online("models", "list", home=isolated_home, endpoint=hub.url)
+    finally:
+        hub.close()
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("\t")[0]: line.split("\t") for line in proc.stdout.splitlines()}
+    assert rows["tipo-100m"][3] == "1234"  # no size in the registry: the hub's
+    assert rows["tipo-500m-q8_0"][3] == "540629120"  # the registry's own
+    assert "-" not in [row[3] for row in rows.values()]
+    # Remembered: the next listing knows them without the hub (now gone), and so does offline.
+    again = _kgen("models", "list", home=isolated_home)
+    assert again.stdout == proc.stdout
+
+
+@pytest.mark.parametrize("command", [("models", "download", "tipo-100m"), ("expand", "1girl, dragon horns")])
+def test_an_unreachable_hub_fails_in_two_short_attempts_with_the_offline_hint(isolated_home, command):
+    """The hub accepts connections and never answers (huggingface_hub alone would wait 10 s,
+    then retry with a 60 s timeout): two attempts of HUB_TIMEOUT, then one line."""
+    import time
+
+    from kgen_cli.download import HUB_TIMEOUT
+
+    hub = _Hub(answer=False)
+    started = time.monotonic()
+    try:
+        proc = _kgen_online(*command, home=isolated_home, endpoint=hub.url)
+    finally:
+        hub.close()
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot reach the Hugging Face hub" in proc.stderr
+    assert "HF_HUB_OFFLINE=1" in proc.stderr and "-m PATH" in proc.stderr
+    assert hub.heads == 2
+    assert elapsed < 2 * HUB_TIMEOUT + 20  # far below huggingface_hub's own minutes of retries
+
+
+def test_a_refused_connection_fails_at_once(isolated_home):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    proc = _kgen_online("models", "download", "tipo-100m", home=isolated_home, endpoint=f"http://127.0.0.1:{port}")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("Error: tipo-100m: cannot reach the Hugging Face hub (")

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import download as dl
-from kgen_cli.console import help_as_usage_error, make_console, stdout_is_tty, write_result
+from kgen_cli.console import help_as_usage_error, human_size, make_console, stdout_is_tty, write_result
 from kgen_cli.errors import UsageError
 from kgen_cli.registry import LOCAL_QUANT_TYPES, ModelSpec, Registry, load_registry, looks_like_path
 
@@ -48,7 +48,9 @@ def list_models(
 ) -> None:
     """List the registry's models: a table in a terminal, tab-separated lines when piped."""
     registry = load_registry()
-    rows = [_row(registry, spec) for spec in [*registry, *dl.local_quantized(registry)]]
+    specs = [*registry, *dl.local_quantized(registry)]
+    hub = dl.hub_sizes([spec for spec in specs if spec.size is None and not spec.is_local_quant])
+    rows = [_row(registry, spec, hub.get(spec.name)) for spec in specs]
     if json_:
         write_result(json.dumps(rows, indent=2))
     elif stdout_is_tty():
@@ -107,11 +109,11 @@ def _lookup(registry: Registry, name: str | None) -> ModelSpec:
     return registry.get(name.strip())
 
 
-def _row(registry: Registry, spec: ModelSpec) -> dict:
+def _row(registry: Registry, spec: ModelSpec, hub_size: int | None) -> dict:
     status, path, problem = dl.disk_status(spec)  # no hashing here: "unverified" until first used
     row = spec.to_dict()
-    if path is not None and spec.size is None and status != "corrupt":
-        row["size"] = path.stat().st_size
+    if spec.size is None:  # the file on disk, else the hub's metadata
+        row["size"] = path.stat().st_size if path is not None and status != "corrupt" else hub_size
     row.update(status=status, downloaded=status in ("yes", "unverified"), path=None if path is None else str(path),
                problem=problem, default=spec.name == registry.default)  # fmt: skip
     return row
@@ -138,17 +140,6 @@ def _print_table(rows: list[dict]) -> None:
         table.add_column(header, justify="right" if header == "Size" else "left", no_wrap=header == "Name")
     for row in rows:
         name = f"[bold]{row['name']} *[/bold]" if row["default"] else row["name"]
-        table.add_row(name, row["family"], row["quant"], _human_size(row["size"]), _STATUS_STYLE[row["status"]],
+        table.add_row(name, row["family"], row["quant"], human_size(row["size"]), _STATUS_STYLE[row["status"]],
                       row["repo"])  # fmt: skip
     make_console(stderr=False).print(table)
-
-
-def _human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
