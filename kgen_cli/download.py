@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kgen_cli.console import err_console, human_size, info
-from kgen_cli.errors import DownloadError, EngineError, ModelNotFoundError
+from kgen_cli.errors import DownloadError, EngineError, ModelNotFoundError, UsageError
 from kgen_cli.paths import kgen_home
 from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
 from kgen_cli.registry import (
@@ -109,7 +109,12 @@ def local_path(spec: ModelSpec, *, verify: bool = True) -> Path | None:
     if spec.source is not None:
         path = quantized_path(spec)
         return path if path.is_file() else None
-    path = _recorded_local_file(spec) or _cached_file(spec)
+    if spec.path is not None:  # the user's own file, named in their models.yaml
+        path = Path(spec.path)
+        if not path.is_file():
+            return None
+    else:
+        path = _recorded_local_file(spec) or _cached_file(spec)
     if path is not None and verify:
         _check_file(spec, path, delete_bad=False)
     return path
@@ -219,6 +224,8 @@ def locate(resolved: ResolvedModel, *, download_missing: bool = False, quiet: bo
     if resolved.path is not None:
         return resolved
     spec = resolved.spec
+    if spec.path is not None:  # the user's own file, named in their models.yaml
+        return replace(resolved, path=existing_file(spec.path, f"model '{spec.name}', path: in models.yaml"))
     path = local_path(spec)
     if path is None:
         if download_missing and not is_offline():
@@ -254,6 +261,8 @@ def download(
     file already on disk is returned."""
     if quant is not None:
         spec = derive_quantized(spec, quant)
+    if spec.path is not None:
+        raise UsageError(f"'{spec.name}' is a local file (path: in models.yaml): there is nothing to download")
     if offline is None:
         offline = is_offline()
     if spec.source is not None:
@@ -465,6 +474,38 @@ def _quantize_locally(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | No
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+# --- removal ------------------------------------------------------------------------------------
+
+
+def remove(spec: ModelSpec) -> list[tuple[Path, int]]:
+    """Delete what kgen downloaded or made for the model: its file (in the HF cache the blob and
+    the snapshot's link to it; a --local-dir file kgen recorded) and its local quantisations
+    (`NAME@QTYPE`: only that one). Returns (path, bytes freed) for each file deleted."""
+    if spec.path is not None:
+        raise UsageError(f"'{spec.name}' is your own file (path: in models.yaml); kgen does not delete it")
+    if spec.source is not None:
+        files = [quantized_path(spec)]
+    else:
+        files = [_recorded_local_file(spec), _cached_file(spec)]
+        folder = kgen_home(create=False) / QUANTIZED_DIR
+        files += [folder / f"{spec.name}-{qtype}.gguf" for qtype in LOCAL_QUANT_TYPES]
+    removed = []
+    for path in files:
+        if path is None or not (path.is_file() or path.is_symlink()):
+            continue
+        real = path.resolve()
+        size = real.stat().st_size if real.is_file() else 0
+        real.unlink(missing_ok=True)
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+        removed.append((path, size))
+    if spec.source is None:
+        state = _read_state(LOCAL_FILES_FILE)
+        if state.pop(spec.name, None) is not None:
+            _write_state(LOCAL_FILES_FILE, state)
+    return removed
 
 
 # --- size / sha256 checks -----------------------------------------------------------------------

@@ -393,3 +393,131 @@ def test_a_refused_connection_fails_at_once(isolated_home):
     proc = _kgen_online("models", "download", "tipo-100m", home=isolated_home, endpoint=f"http://127.0.0.1:{port}")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("Error: tipo-100m: cannot reach the Hugging Face hub (")
+
+
+# --- your own files and any hub file: path: entries, hf:, KGEN_FAMILY; models rm -----------------
+
+
+def _user_registry(home: Path, text: str) -> None:
+    (home / "models.yaml").write_text(text, encoding="utf-8")
+
+
+def test_a_path_entry_names_a_local_file(isolated_home, tmp_path, capsys):
+    gguf = isolated_home / "mine" / "finetune.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF mine")
+    _user_registry(isolated_home, "models:\n  - {name: mine, family: dtg, path: mine/finetune.gguf}\n"
+                                  "  - {name: gone, family: tipo, path: /nonexistent/x.gguf}\n")  # fmt: skip
+    from kgen_cli.download import resolve_model
+
+    resolved = resolve_model("mine", None)
+    assert (resolved.path, resolved.family, resolved.n_ctx) == (gguf, "dtg", None)  # relative to models.yaml
+    assert run_main(capsys, "models", "path", "mine")[1] == f"{gguf}\n"
+    rows = {m["name"]: m for m in json.loads(run_main(capsys, "models", "list", "--json")[1])}
+    assert rows["mine"]["status"] == "yes" and rows["mine"]["local_path"] == str(gguf) and rows["mine"]["size"] == 9
+    assert rows["gone"]["status"] == "no"
+    code, out, err = run_main(capsys, "models", "path", "gone")
+    assert code == 1 and "no such file /nonexistent/x.gguf" in err
+    code, out, err = run_main(capsys, "models", "download", "mine")
+    assert (code, out) == (2, "") and "local file" in err
+    code, out, err = run_main(capsys, "models", "rm", "mine")
+    assert (code, out) == (2, "") and "does not delete it" in err and gguf.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{name: x, family: tipo, path: a.gguf, repo: a/b, file: c.gguf}", "either 'path'"),
+        ("{name: x, family: tipo}", "missing key 'repo'"),
+        ("{name: x, path: a.gguf}", "missing key 'family'"),
+        ("{name: x, family: tipo, path: ''}", "'path' must name a .gguf file"),
+    ],
+)
+def test_path_entries_are_validated(isolated_home, entry, message):
+    from kgen_cli.registry import load_registry
+
+    _user_registry(isolated_home, f"models:\n  - {entry}\n")
+    with pytest.raises(RegistryError, match=message):
+        load_registry()
+
+
+def test_the_packaged_registry_takes_no_path_entries():
+    from kgen_cli.registry import _parse
+
+    with pytest.raises(RegistryError, match="your own models.yaml only"):
+        _parse("packaged", "default: x\nmodels:\n  - {name: x, family: tipo, path: a.gguf}\n", require_models=True)
+
+
+def test_hf_model_downloads_any_hub_gguf_with_the_family_of_a_local_file(tmp_path, monkeypatch):
+    from kgen_cli.download import resolve_model
+    from kgen_cli.registry import family_note
+
+    calls = []
+
+    def fake(**kwargs):
+        calls.append(kwargs)
+        target = tmp_path / kwargs["filename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"GGUF")
+        return str(target)
+
+    monkeypatch.delenv("KGEN_FAMILY", raising=False)
+    with patch("kgen_cli.download.hf_hub_download", side_effect=fake):
+        resolved = resolve_model("hf:someone/Some-GGUF/sub/model-Q8_0.gguf", "dtg", download_missing=True)
+        assert (calls[0]["repo_id"], calls[0]["filename"]) == ("someone/Some-GGUF", "sub/model-Q8_0.gguf")
+        assert (resolved.name, resolved.family, resolved.family_assumed) == \
+            ("hf:someone/Some-GGUF/sub/model-Q8_0.gguf", "dtg", False)  # fmt: skip
+        assumed = resolve_model("hf:someone/Some-GGUF/model.gguf", None, download_missing=True)
+        assert (assumed.family, assumed.family_assumed) == ("tipo", True) and family_note(assumed)
+        monkeypatch.setenv("KGEN_FAMILY", "dtg")
+        told = resolve_model("hf:someone/Some-GGUF/model.gguf", None, download_missing=True)
+        assert (told.family, told.family_assumed, family_note(told)) == ("dtg", False, None)
+        by_name = resolve_model("hf:someone/TIPO-GGUF/tipo-200m.gguf", None, download_missing=True)
+        assert by_name.family == "tipo"  # the name says so: KGEN_FAMILY is for files that say neither
+
+
+@pytest.mark.parametrize("bad", ["hf:someone/model.gguf", "hf:someone/repo/model.bin", "hf:/x/y.gguf"])
+def test_a_malformed_hf_model_is_a_usage_error(capsys, bad):
+    code, out, err = run_main(capsys, "expand", "1girl", "-m", bad, "--show-prompt")
+    assert (code, out) == (2, "") and "is not hf:OWNER/REPO/FILE.gguf" in err
+
+
+def test_kgen_family_sets_the_family_of_a_local_file_and_silences_the_note(tmp_path, monkeypatch, capsys):
+    gguf = tmp_path / "renamed.gguf"
+    gguf.write_bytes(b"GGUF")
+    code, out, err = run_main(capsys, "expand", "1girl", "-m", str(gguf), "--show-prompt")
+    assert code == 0 and "names neither TIPO nor DTG" in err and "KGEN_FAMILY" in err
+    dtg_prompt = run_main(capsys, "expand", "1girl", "-m", str(gguf), "--family", "dtg", "--show-prompt")[1]
+    monkeypatch.setenv("KGEN_FAMILY", "dtg")
+    assert run_main(capsys, "expand", "1girl", "-m", str(gguf), "--show-prompt") == (0, dtg_prompt, "")  # no note
+    assert dtg_prompt != out
+    monkeypatch.setenv("KGEN_FAMILY", "sdxl")
+    code, out, err = run_main(capsys, "expand", "1girl", "-m", str(gguf), "--show-prompt")
+    assert code == 2 and "unknown family 'sdxl' (KGEN_FAMILY)" in err
+
+
+def test_models_rm_deletes_the_file_and_its_quantisations_and_says_what_it_freed(isolated_home, capsys):
+    cache = Path(os.environ["HF_HUB_CACHE"]) / "models--KBlueLeaf--TIPO-200M-ft"
+    commit = "b" * 40
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text(commit)
+    blob = cache / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    blob.write_bytes(b"x" * 1500)
+    link = cache / "snapshots" / commit / "TIPO-200M-ft-F16.gguf"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    quantized = isolated_home / "quantized"
+    quantized.mkdir()
+    (quantized / "tipo-200m-ft-Q8_0.gguf").write_bytes(b"q" * 800)
+    (quantized / "tipo-200m-ft-Q4_0.gguf").write_bytes(b"q" * 400)
+
+    code, out, err = run_main(capsys, "models", "rm", "tipo-200m-ft@Q4_0")
+    assert (code, out, err) == (0, f"{quantized / 'tipo-200m-ft-Q4_0.gguf'}\n", "removed tipo-200m-ft@Q4_0: 400 B freed\n")
+    code, out, err = run_main(capsys, "models", "rm", "tipo-200m-ft")
+    assert code == 0
+    assert out.splitlines() == [str(link), str(quantized / "tipo-200m-ft-Q8_0.gguf")]
+    assert err == "removed tipo-200m-ft: 2.3 KB freed\n"
+    assert not blob.exists() and not link.is_symlink() and not any(quantized.iterdir())
+    code, out, err = run_main(capsys, "models", "rm", "tipo-200m-ft")
+    assert (code, out) == (1, "") and "is not downloaded" in err

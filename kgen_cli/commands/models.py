@@ -12,9 +12,16 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import download as dl
-from kgen_cli.console import help_as_usage_error, human_size, make_console, stdout_is_tty, write_result
-from kgen_cli.errors import UsageError
-from kgen_cli.registry import LOCAL_QUANT_TYPES, ModelSpec, Registry, load_registry, looks_like_path
+from kgen_cli.console import help_as_usage_error, human_size, info, make_console, stdout_is_tty, write_result
+from kgen_cli.errors import ModelNotFoundError, UsageError
+from kgen_cli.registry import (
+    LOCAL_QUANT_TYPES,
+    ModelSpec,
+    Registry,
+    load_registry,
+    lookup,
+    looks_like_path,
+)
 
 app = typer.Typer(invoke_without_command=True)
 
@@ -49,7 +56,7 @@ def list_models(
     """List the registry's models: a table in a terminal, tab-separated lines when piped."""
     registry = load_registry()
     specs = [*registry, *dl.local_quantized(registry)]
-    hub = dl.hub_sizes([spec for spec in specs if spec.size is None and not spec.is_local_quant])
+    hub = dl.hub_sizes([spec for spec in specs if spec.size is None and spec.repo is not None and not spec.is_local_quant])
     rows = [_row(registry, spec, hub.get(spec.name)) for spec in specs]
     if json_:
         write_result(json.dumps(rows, indent=2))
@@ -58,7 +65,7 @@ def list_models(
     else:
         for row in rows:
             size = "-" if row["size"] is None else str(row["size"])
-            fields = [row["name"], row["family"], row["quant"], size, row["status"], _yes(row["default"])]
+            fields = [row["name"], row["family"], row["quant"] or "-", size, row["status"], _yes(row["default"])]
             write_result("\t".join(fields))
 
 
@@ -95,18 +102,35 @@ def model_path(name: NameArg = None) -> None:
     """Print the local path of a downloaded model (exit 1 if it is not downloaded)."""
     spec = _lookup(load_registry(), name)
     path = dl.local_path(spec)
+    if path is None and spec.path is not None:
+        raise ModelNotFoundError(f"model '{spec.name}': no such file {spec.path} (path: in models.yaml)")
     if path is None:
         raise dl.not_downloaded(spec.name)
     write_result(str(path))
 
 
+@app.command(
+    "rm",
+    epilog="Files the user named with path: in models.yaml are never deleted.",
+)
+def remove_model(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A registry name, NAME@QTYPE (that quantisation only), or hf:OWNER/REPO/FILE.gguf.", show_default=False)],
+) -> None:
+    """Delete a downloaded model (and its local quantisations); print each deleted file and the space freed."""
+    spec = _lookup(load_registry(), name)
+    removed = dl.remove(spec)
+    if not removed:
+        raise dl.not_downloaded(spec.name)
+    for path, _size in removed:
+        write_result(str(path))
+    info(f"removed {spec.name}: {human_size(sum(size for _path, size in removed))} freed")
+
+
 def _lookup(registry: Registry, name: str | None) -> ModelSpec:
-    if name is None:
-        return registry.default_spec
-    if looks_like_path(name):
-        raise UsageError(f"'{name}' is a file path; this command takes a registry name",
+    if name is not None and looks_like_path(name):
+        raise UsageError(f"'{name}' is a file path; this command takes a registry name or hf:OWNER/REPO/FILE.gguf",
                          hint="see: kgen models list")  # fmt: skip
-    return registry.get(name.strip())
+    return lookup(registry, name)
 
 
 def _row(registry: Registry, spec: ModelSpec, hub_size: int | None) -> dict:
@@ -140,6 +164,6 @@ def _print_table(rows: list[dict]) -> None:
         table.add_column(header, justify="right" if header == "Size" else "left", no_wrap=header == "Name")
     for row in rows:
         name = f"[bold]{row['name']} *[/bold]" if row["default"] else row["name"]
-        table.add_row(name, row["family"], row["quant"], human_size(row["size"]), _STATUS_STYLE[row["status"]],
-                      row["repo"])  # fmt: skip
+        table.add_row(name, row["family"], row["quant"] or "-", human_size(row["size"]), _STATUS_STYLE[row["status"]],
+                      row["repo"] or row.get("local_path"))  # fmt: skip
     make_console(stderr=False).print(table)
