@@ -23,8 +23,10 @@ from kgen_cli.commands import models as models_cmd
 from kgen_cli.console import (
     debug_enabled,
     err_console,
+    examples,
     help_as_usage_error,
     plain_output,
+    reflow,
     stand_in_for_closed_streams,
 )
 from kgen_cli.errors import KgenError, OutputClosed
@@ -36,9 +38,9 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("expand")(expand_cmd.expand)
-app.command("batch")(batch_cmd.batch)
-app.command("info")(info_cmd.info)
+for _name, _module in (("expand", expand_cmd), ("batch", batch_cmd), ("info", info_cmd)):
+    _function = getattr(_module, _name)
+    app.command(_name, help=reflow(_function.__doc__), epilog=_module.EXAMPLES)(_function)
 app.add_typer(models_cmd.app, name="models")
 
 
@@ -54,7 +56,11 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(epilog=examples(
+    'kgen expand "1girl, dragon horns"',
+    "kgen batch prompts.txt -o out.txt",
+    "kgen models list",
+))  # fmt: skip
 def root(
     ctx: typer.Context,
     version: Annotated[

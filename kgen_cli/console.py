@@ -252,6 +252,21 @@ def stand_in_for_closed_streams() -> None:
         setattr(sys, name, open(os.devnull, "w") if name == "stderr" else ClosedStream(name))
 
 
+def reflow(doc: str | None) -> str:
+    """A docstring as command help: its paragraphs each on one line, so that the help wraps them
+    at the terminal's width (Typer keeps a docstring's own line breaks)."""
+    import inspect
+
+    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def examples(*commands: str, note: str | None = None) -> str:
+    """A command's help epilog: an optional note, then its examples, one command a line."""
+    text = "Examples:\n" + "\n".join(f"  {command}" for command in commands)
+    return f"{note}\n\n{text}" if note else text
+
+
 def help_as_usage_error(ctx) -> None:
     """`kgen` or `kgen models` alone: the command's help once, on stderr, exit 2 (a usage error).
 

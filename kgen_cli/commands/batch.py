@@ -14,11 +14,18 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.console import info, require_open, status_line
+from kgen_cli.console import examples, info, require_open, status_line
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
 from kgen_cli.stopping import Interrupted, SignalStop
+
+
+EXAMPLES = examples(
+    "kgen batch prompts.txt -o out.txt",
+    "kgen batch prompts.jsonl -o out.jsonl --output-format jsonl --seed 1",
+    "grep -v '^#' prompts.txt | kgen batch - -n 4 --parallel 8",
+)
 
 
 class InputFormat(str, Enum):

@@ -11,11 +11,17 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.console import info, plain_output, require_open, stdout_is_tty, write_result
+from kgen_cli.console import examples, info, plain_output, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
 from kgen_cli.samplers import sampler_named
+
+EXAMPLES = examples(
+    'kgen expand "1girl, dragon horns"',
+    'kgen expand "1girl, scenery" --nl "A girl on a hill." -n 4 --seed 1',
+    'kgen expand "1girl, solo" -m ./my-model.gguf --family dtg --json',
+)
 
 PromptArg = Annotated[
     Optional[str],

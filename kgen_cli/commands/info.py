@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from kgen_cli import __version__
-from kgen_cli.console import write_result
+from kgen_cli.console import examples, write_result
+
+EXAMPLES = examples("kgen info", "kgen info --json")
 
 
 def collect() -> dict:

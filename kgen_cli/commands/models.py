@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli import download as dl
-from kgen_cli.console import help_as_usage_error, human_size, info, make_console, stdout_is_tty, write_result
+from kgen_cli.console import examples, help_as_usage_error, human_size, info, make_console, stdout_is_tty, write_result
 from kgen_cli.errors import ModelNotFoundError, UsageError
 from kgen_cli.registry import (
     LOCAL_QUANT_TYPES,
@@ -46,9 +46,15 @@ NameArg = Annotated[
 
 @app.command(
     "list",
-    epilog="Piped, each model is one tab-separated line without a header: "
-    "name, family, quant, size in bytes (- if unknown), downloaded (yes, no, unverified: sha256 not "
-    "checked yet, corrupt: fails its check), default (yes/no).",
+    epilog=examples(
+        "kgen models list",
+        "kgen models list | cut -f1,5",
+        "kgen models list --json",
+        note="Piped, each model is one tab-separated line without a header: "
+        "name, family, quant, size in bytes (- if unknown), downloaded (yes, no, unverified: sha256 not "
+        "checked yet, corrupt: fails its check), default (yes/no). Sizes the registry lacks come from "
+        "the hub's metadata (online, remembered).",
+    ),
 )
 def list_models(
     json_: Annotated[bool, typer.Option("--json", help="One JSON array with every field of every model.")] = False,
@@ -69,7 +75,11 @@ def list_models(
             write_result("\t".join(fields))
 
 
-@app.command("download")
+@app.command("download", epilog=examples(
+    "kgen models download",
+    "kgen models download tipo-500m-ft --quant Q8_0",
+    "kgen models download hf:OWNER/REPO/FILE.gguf",
+))  # fmt: skip
 def download_model(
     name: NameArg = None,
     local_dir: Annotated[
@@ -97,7 +107,7 @@ def download_model(
     write_result(str(dl.download(spec, local_dir=local_dir, force=force, quiet=quiet, quant=quant)))
 
 
-@app.command("path")
+@app.command("path", epilog=examples("kgen models path", 'ls -l "$(kgen models path dtg-delta-q6_k)"'))
 def model_path(name: NameArg = None) -> None:
     """Print the local path of a downloaded model (exit 1 if it is not downloaded)."""
     spec = _lookup(load_registry(), name)
@@ -111,7 +121,8 @@ def model_path(name: NameArg = None) -> None:
 
 @app.command(
     "rm",
-    epilog="Files the user named with path: in models.yaml are never deleted.",
+    epilog=examples("kgen models rm tipo-500m-ft", "kgen models rm tipo-500m-ft@Q8_0",
+                    note="Files the user named with path: in models.yaml are never deleted."),
 )
 def remove_model(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A registry name, NAME@QTYPE (that quantisation only), or hf:OWNER/REPO/FILE.gguf.", show_default=False)],
