@@ -125,3 +125,19 @@ def test_links_to_sections_of_the_docs_resolve():
             if linked.exists() and anchor not in _anchors(linked.read_text(encoding="utf-8")):
                 broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
     assert not broken, f"links to sections that do not exist: {broken}"
+
+
+def test_readme_quick_start_comes_first_and_the_set_up_commands_are_the_ones_ci_runs():
+    from kgen_cli.console import human_size
+    from kgen_cli.registry import load_registry
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
+    assert len(commands) == 2
+    quick, _, developer = readme.partition("## Development set-up")
+    assert "## Quick start" in quick and "pip install .\n" in quick and "[test]" not in quick
+    for command in commands:
+        assert f"\n{command}\n" in developer
+    default = load_registry().default_spec  # what the quick start says the first run downloads
+    assert f"`{default.name}` ({human_size(default.size)}" in quick and default.repo in quick
