@@ -35,7 +35,7 @@ app = typer.Typer(
     name="kgen",
     invoke_without_command=True,  # alone: the help on stderr, exit 2 (root below)
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 for _name, _module in (("expand", expand_cmd), ("batch", batch_cmd), ("info", info_cmd)):
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"argument {bad} is not valid UTF-8", 2)
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
-        code = command.main(args=argv, prog_name="kgen", standalone_mode=False)
+        from kgen_cli.config import default_map
+
+        code = command.main(args=argv, prog_name="kgen", standalone_mode=False, default_map=default_map(command))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except SystemExit as exc:

@@ -36,6 +36,8 @@ def collect() -> dict:
         offline = bool(hf_constants.HF_HUB_OFFLINE)
     except ImportError:  # pragma: no cover - a dependency
         hf_cache, offline = os.environ.get("HF_HUB_CACHE", ""), False
+    from kgen_cli.config import config_path, read_config
+
     return {
         "kgen": __version__,
         "llama_cpp": engine.llama_version(),
@@ -49,6 +51,7 @@ def collect() -> dict:
         "models_present": present,
         "models_unverified": unverified,
         "models_corrupt": corrupt,
+        "config": {"path": str(config_path()), "values": read_config()},  # validated before any command runs
     }
 
 
@@ -78,6 +81,11 @@ def info(
                                         for name in sorted(data["models_present"]))
                               or "none (kgen models download NAME)"),
     ]
+    values = data["config"]["values"]
+    options = "; ".join(f"{command}: {', '.join(f'{k}={v}' for k, v in (opts or {}).items())}"
+                        for command, opts in (values or {}).items())
+    lines.append(f"config          {data['config']['path']}" + (f" ({options})" if options else " (none)"
+                                                                if values is None else " (empty)"))
     if data["models_corrupt"]:
         lines.append("models corrupt  " + ", ".join(sorted(data["models_corrupt"]))
                      + " (kgen models download NAME --force)")
