@@ -132,7 +132,7 @@ class StatusLine:
         self.drawn = 0  # characters on screen now
 
     def show(self, text: str) -> None:
-        width = max(shutil.get_terminal_size(fallback=(80, 24)).columns - 1, 10)  # never wrap
+        width = max(_stderr_columns() - 1, 10)  # never wrap: a carriage return reaches one line only
         self.text = text[:width]
         self._erase()
         self._write(self.text)
@@ -158,6 +158,15 @@ class StatusLine:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+
+
+def _stderr_columns() -> int:
+    """The width of the terminal stderr is on (stdout may be a file), else COLUMNS or 80."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns or shutil.get_terminal_size(fallback=(80, 24)).columns  # 0: a size never set
 
 
 _status: StatusLine | None = None

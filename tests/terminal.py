@@ -7,11 +7,14 @@ interactive shell), or one each, so that a test can tell which stream carried ev
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,8 @@ def run_in_terminal(*args: str, shared: bool = True, stdin: bytes | None = None,
     full_env = {k: v for k, v in full_env.items() if v is not None}
     out_master, out_slave = pty.openpty()
     err_master, err_slave = (out_master, out_slave) if shared else pty.openpty()
+    for fd in {out_slave, err_slave}:  # a real terminal's size
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     in_master, in_slave = (None, None) if stdin is not None else pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kgen_cli", *args], cwd=ROOT, env=full_env,

@@ -139,3 +139,14 @@ def test_progress_text_counts_rates_and_time_left():
     assert text.startswith("expanding [##########----------] 3/6 1.50 prompts/s, 30 tok/s, 0:00:02 left")
     assert _progress_text(4, None, 8, 2.0) == "expanding 4 2.00 prompts/s, 4 tok/s"
     assert not re.search(r"\s{2,}", text)
+
+
+def test_progress_line_never_wraps_on_a_narrow_terminal(capsys, monkeypatch):
+    from kgen_cli import console
+
+    monkeypatch.setattr(console, "stderr_is_tty", lambda: True)
+    monkeypatch.setattr(console, "_stderr_columns", lambda: 20)
+    with console.status_line() as line:
+        line.show("expanding [##########----------] 3/6 1.50 prompts/s")
+    err = capsys.readouterr().err
+    assert err.startswith("expanding [#########\r")  # 19 columns: a carriage return still reaches it
