@@ -149,4 +149,4 @@ def test_progress_line_never_wraps_on_a_narrow_terminal(capsys, monkeypatch):
     with console.status_line() as line:
         line.show("expanding [##########----------] 3/6 1.50 prompts/s")
     err = capsys.readouterr().err
-    assert err.startswith("expanding [#########\r")  # 19 columns: a carriage return still reaches it
+    assert err.startswith("expanding [########\r")  # 19 columns: a carriage return still reaches it
