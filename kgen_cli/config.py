@@ -51,8 +51,10 @@ def read_config() -> dict[str, Any] | None:
         return None
     import yaml
 
+    from kgen_cli.registry import _strict_loader  # a key given twice is an error, as in models.yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506 - a SafeLoader
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc})") from exc
     except yaml.YAMLError as exc:

@@ -57,6 +57,7 @@ def test_config_defaults_reach_the_commands_as_values(isolated_home):
         ("expand: 3\n", "'expand' must be a mapping of option names to values"),
         ("- expand\n", "expected a mapping of commands to their option defaults"),
         ("expand:\n  format: [\n", "invalid YAML (line"),
+        ("expand:\n  format: a\n  format: b\n", "duplicate key 'format'"),
     ],
 )  # fmt: skip
 def test_a_bad_config_is_one_line_naming_the_file_exit_2(isolated_home, text, message):
