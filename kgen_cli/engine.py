@@ -399,7 +399,7 @@ def set_verbose(verbose: bool) -> None:
     _log_verbose = bool(verbose)
 
 
-def _last_error(default: str = "see --verbose for llama.cpp's log") -> str:
+def _last_error(default: str = "see --llama-log (or -vv) for llama.cpp's log") -> str:
     return _log_errors[-1] if _log_errors else default
 
 

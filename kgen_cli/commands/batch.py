@@ -76,7 +76,8 @@ def batch(
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=o.MIN_N_CTX, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
-    verbose: o.VerboseOpt = False,
+    verbose: o.VerboseOpt = 0,
+    llama_log: o.LlamaLogOpt = False,
 ) -> None:
     """Expand every prompt of a file or stdin, concurrently; results in input order.
 
@@ -102,7 +103,6 @@ def batch(
     written too, so the file may be out of order; their "index" tells).
     """
     import kgen_cli as kgen
-    from kgen_cli import runner
     from kgen_cli.batchio import OrderedWriter, OutputFile, PipeLines, bounded_lines, count_prompts, read_records, scan_done
     from kgen_cli.registry import registry_spec_only
 
@@ -126,7 +126,9 @@ def batch(
     # The shared options are checked before any model or file is touched.
     options.request("", family=spec.family, quality_line=spec.quality_line)
     VariantOptions.checked(variants, sampler, group_size, exploration)
-    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, verbose).checked()
+    llama_log = llama_log or verbose >= 2
+    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
+    o.warn_high_temperature(temperature)
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
     fmt = output_format.value
     # Opened and locked now: an unwritable file fails before the model loads, and a second kgen
@@ -136,9 +138,9 @@ def batch(
         done = scan_done(str(output), fmt, variants) if resume else set()
         # The family note comes after the checks: an error stays one line.
         gen = kgen.load(spec, family=engine_options.family, gpu_layers=engine_options.gpu_layers, threads=threads,
-                        n_ctx=n_ctx, context_length=context_length, verbose=verbose, defaults=options, lazy=True,
+                        n_ctx=n_ctx, context_length=context_length, verbose=llama_log, defaults=options, lazy=True,
                         progress=True, on_log=(lambda _note: None) if quiet else info)
-    base_seed = runner.random_seed() if seed is None else seed
+    base_seed = o.random_seed_if_unset(seed, show=not verbose and not quiet)  # -v shows it below
     stop = SignalStop(watch_stdout=output is None)  # `| head`: stop once the reader is gone
     with OutputFile.discard_on_error(sink):
         try:
@@ -153,7 +155,7 @@ def batch(
         info(f"model {resolved.name} ({resolved.family}), loaded in {gen.load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
              f"context length {engine.window}, "
              f"{'one shared KV buffer' if engine.kv_unified else 'a KV stream per sequence'}, "
-             f"{parallel} parallel sequences, base seed {base_seed}")
+             f"{parallel} parallel sequences, {engine.model_info.get('n_threads')} threads, base seed {base_seed}")
     out = sys.stdout if sink is None else sink.open()
     writer = OrderedWriter(out, skip=done)
     state = _BatchState(fmt, writer, variants, fail_fast, timings)

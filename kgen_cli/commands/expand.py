@@ -83,7 +83,8 @@ def expand(
     show_prompt: Annotated[bool, typer.Option("--show-prompt", rich_help_panel=o.OUTPUT, help="Print the exact text of the first model call and exit (no model needed); with --json, an object with it and the parsed input.")] = False,
     json_: Annotated[bool, typer.Option("--json", rich_help_panel=o.OUTPUT, help="Print one JSON object with everything: input, model, seeds, sampling, every call's prompt and raw output, timings.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", rich_help_panel=o.OUTPUT, help="Stream the generated text live when stdout is a terminal.")] = True,
-    verbose: o.VerboseOpt = False,
+    verbose: o.VerboseOpt = 0,
+    llama_log: o.LlamaLogOpt = False,
 ) -> None:
     """Expand one prompt into a richer one with a TIPO or DanTagGen model.
 
@@ -103,7 +104,9 @@ def expand(
         max_tokens=max_tokens,
     )
     request = options.request(text, family=spec_model.family, quality_line=spec_model.quality_line)
-    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, verbose).checked()
+    llama_log = llama_log or verbose >= 2
+    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
+    o.warn_high_temperature(temperature)
     note = family_note(spec_model)  # shown once the input is checked: an error stays one line
     if show_prompt:
         if note:
@@ -125,10 +128,10 @@ def expand(
         check_output_file(tree_out, "--tree-out")
 
     gen = kgen.load(spec_model, family=engine_options.family, gpu_layers=engine_options.gpu_layers,
-                    threads=threads, n_ctx=n_ctx, context_length=context_length, verbose=verbose,
+                    threads=threads, n_ctx=n_ctx, context_length=context_length, verbose=llama_log,
                     defaults=options, lazy=True, progress=True, on_log=info)
     resolved = gen.model
-    seed = runner.random_seed() if seed is None else seed
+    seed = o.random_seed_if_unset(seed, show=not verbose)  # -v shows it below
     if verbose:
         where = "" if resolved.name == str(resolved.path) else f" {resolved.path}"
         info(f"model {resolved.name} ({resolved.family}){where}")
@@ -137,6 +140,9 @@ def expand(
         engine = gen.reserve(sequences=1 if variants == 1 else variants + 1,
                                  max_tokens=request.params.max_tokens)  # + the prompt anchor
         load_seconds = gen.load_seconds
+        if verbose:
+            info(f"threads {getattr(engine, 'model_info', {}).get('n_threads')}, n_ctx {engine.n_ctx}, "
+                 f"loaded in {load_seconds:.2f}s")
         started = time.perf_counter()
         if variants == 1:
             on_text = _TerminalStream() if (stream and stdout_is_tty() and not json_) else None
