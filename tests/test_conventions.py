@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.kgen_main import run_main
-from tests.terminal import run_in_terminal
+from tests.terminal import run_in_terminal, strip_ansi
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("--family", "tipo", "--retries", "0", "--max-tokens", "8", "--format", "tag-only")
@@ -101,3 +101,23 @@ def test_batch_v_has_no_llama_log(model_path, tmp_path):
     proc = _kgen("batch", str(src), "-m", str(model_path), *FAST, "-t", "1", "--seed", "1", "-v")
     assert proc.returncode == 0 and "base seed 1" in proc.stderr and "1 threads" in proc.stderr
     assert not LLAMA_LOG.search(proc.stderr)
+
+
+# --- 11. stdin ----------------------------------------------------------------------------------
+
+
+def test_multi_line_stdin_is_one_prompt_with_a_note_pointing_to_batch():
+    proc = _kgen("expand", "-m", "x-tipo.gguf", "--show-prompt", stdin="1girl, solo,\nlong hair\n\n")
+    assert proc.returncode == 0
+    assert "tag: 1girl, solo, long hair" in proc.stdout  # joined, as before
+    assert proc.stderr == "note: the 2 lines on stdin are one prompt; `kgen batch -` expands one prompt per line\n"
+    one = _kgen("expand", "-m", "x-tipo.gguf", "--show-prompt", stdin="1girl, solo\n")
+    assert one.returncode == 0 and one.stderr == ""
+
+
+def test_no_prompt_with_a_terminal_on_stdin_is_a_usage_error():
+    run = run_in_terminal("expand", "-m", "x-tipo.gguf", "--show-prompt", shared=False)
+    assert run.returncode == 2 and run.stdout == ""
+    assert strip_ansi(run.stderr).startswith("Error: no prompt: give the tags as an argument, or pipe them on stdin")
+    nl_only = run_in_terminal("expand", "-m", "x-tipo.gguf", "--nl", "A girl on a hill.", "--show-prompt", shared=False)
+    assert nl_only.returncode == 0 and "A girl on a hill." in nl_only.stdout  # an NL-only prompt is one

@@ -29,8 +29,14 @@ PromptArg = Annotated[
 ]
 
 
-def read_prompt(prompt: str | None) -> str:
-    """The argument wins; stdin is read only for '-' or when no argument is given and it is piped."""
+def read_prompt(prompt: str | None, *, nl: str = "") -> str:
+    """The argument wins; stdin is read only for '-' or when no argument is given and it is piped.
+    Piped lines are joined into one prompt (tags may span lines), with a note on stderr pointing
+    to `kgen batch` when there are several. No prompt, no --nl and a terminal on stdin is a
+    usage error: kgen never waits on a terminal, nor runs an empty prompt by accident."""
+    if prompt is None and not nl and sys.stdin.isatty():
+        raise UsageError("no prompt: give the tags as an argument, or pipe them on stdin",
+                         hint='kgen expand "1girl, dragon horns"')  # fmt: skip
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         from kgen_cli.batchio import MAX_PROMPT_BYTES, line_too_long
 
@@ -45,6 +51,8 @@ def read_prompt(prompt: str | None) -> str:
             raise UsageError("stdin is not valid UTF-8") from None
         if "\x00" in text:
             raise UsageError("stdin contains NUL bytes (a UTF-16 file? kgen reads UTF-8)")
+        if (lines := sum(1 for line in text.splitlines() if line.strip())) > 1:
+            info(f"note: the {lines} lines on stdin are one prompt; `kgen batch -` expands one prompt per line")
         return text
     return prompt or ""
 
@@ -95,7 +103,7 @@ def expand(
     from kgen_cli.registry import family_note, registry_spec_only
 
     require_open("stdout")  # before the model: every result goes there
-    text = read_prompt(prompt)
+    text = read_prompt(prompt, nl=nl)
     spec_model = registry_spec_only(model, family.value if family else None)
     options = kgen.GenerationOptions(
         nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
