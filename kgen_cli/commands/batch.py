@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
+from kgen_cli.commands._json import SCHEMA_VERSION, batch_input_json
 from kgen_cli.console import examples, info, require_open, status_line
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.options import VariantOptions
@@ -42,7 +43,7 @@ def batch(
     input: Annotated[str, typer.Argument(help="Prompt file, or '-' for stdin: one prompt per line, or JSONL objects.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file ('-' or none: stdout).")] = None,
     input_format: Annotated[Optional[InputFormat], typer.Option("--input-format", help="lines or jsonl (default: jsonl when the first prompt line is a JSON object).")] = None,
-    output_format: Annotated[OutputFormat, typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input).")] = OutputFormat.text,
+    output_format: Annotated[Optional[OutputFormat], typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input, docs/json.md). \\[default: jsonl for -o *.jsonl / *.ndjson, else text]")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=o.MAX_SEQUENCES, help="Sequences decoded concurrently (continuous batching).")] = 16,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs already in -o OUTPUT and append the rest.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing line.")] = False,
@@ -130,7 +131,7 @@ def batch(
     engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
     o.warn_high_temperature(temperature)
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
-    fmt = output_format.value
+    fmt = output_format.value if output_format is not None else _format_for(output)
     # Opened and locked now: an unwritable file fails before the model loads, and a second kgen
     # on the same file is refused before --resume reads it.
     sink = None if output is None else OutputFile(str(output), append=resume)
@@ -158,7 +159,7 @@ def batch(
              f"{parallel} parallel sequences, {engine.model_info.get('n_threads')} threads, base seed {base_seed}")
     out = sys.stdout if sink is None else sink.open()
     writer = OrderedWriter(out, skip=done)
-    state = _BatchState(fmt, writer, variants, fail_fast, timings)
+    state = _BatchState(fmt, writer, variants, fail_fast, timings, nl)
     stats = None
     try:
         regular = _is_regular(stream)
@@ -201,6 +202,11 @@ def batch(
         raise typer.Exit(1)
 
 
+def _format_for(output: Path | None) -> str:
+    """--output-format when not given: JSONL for an output file named *.jsonl or *.ndjson."""
+    return "jsonl" if output is not None and output.suffix.lower() in (".jsonl", ".ndjson") else "text"
+
+
 def _check_output(output: Path, input: str) -> None:
     check_output_file(output, "--output")
     try:  # stdin too: `kgen batch - -o f < f` would empty f before reading it
@@ -235,8 +241,9 @@ class _FailFast(StopRequested):
 class _BatchState:
     """Turns each finished record into output lines (and error messages)."""
 
-    def __init__(self, fmt: str, writer, variants: int, fail_fast: bool, timings: bool):
+    def __init__(self, fmt: str, writer, variants: int, fail_fast: bool, timings: bool, nl: str = ""):
         self.fmt = fmt
+        self.nl = nl  # --nl: a line's default
         self.writer = writer
         self.variants = variants
         self.fail_fast = fail_fast
@@ -251,7 +258,8 @@ class _BatchState:
             self.failed += 1
             message = f"line {rec.line}: {error}"
             if self.fmt == "jsonl":
-                body = {"index": rec.index, "id": rec.key, "line": rec.line, "input": rec.fields, "error": str(error)}
+                body = {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
+                        "input": batch_input_json(rec.fields, self.nl), "error": str(error)}  # fmt: skip
                 self.writer.add(rec.index, [json.dumps(body, ensure_ascii=False)])
             else:
                 # One line per input keeps output line i with input prompt i (and --resume exact).
@@ -274,7 +282,8 @@ class _BatchState:
         variants = result["variants"]
         if self.fmt == "text":
             return [one_line(v.formatted) for v in variants]
-        body = {"index": rec.index, "id": rec.key, "line": rec.line, "input": rec.fields, "seed": result["seed"]}
+        body = {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
+                "input": batch_input_json(rec.fields, self.nl), "seed": result["seed"]}  # fmt: skip
         if result["n"] == 1:
             body.update(variants[0].to_dict())
         else:

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
+from kgen_cli.commands._json import SCHEMA_VERSION, input_json
 from kgen_cli.console import examples, info, plain_output, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.options import VariantOptions
@@ -121,9 +122,9 @@ def expand(
             info(note)
         first = pipeline.first_prompt(request)
         if json_:  # the exact text, unambiguous (trailing spaces and newlines included)
-            write_result(json.dumps({"input": {"raw": text, "nl": request.nl, "parsed": _parsed_input(request)},
-                                     "family": request.family, "operation": request.operation, "prompt": first},
-                                    ensure_ascii=False))  # fmt: skip
+            write_result(json.dumps({"schema_version": SCHEMA_VERSION, "input": input_json(text, request.nl),
+                                     "parsed": _parsed_input(request), "family": request.family,
+                                     "operation": request.operation, "prompt": first}, ensure_ascii=False))  # fmt: skip
         else:
             write_result(first)
         return
@@ -243,7 +244,9 @@ class _TerminalStream:
 
 def _common_json(text, request, resolved, engine, seed, load_seconds) -> dict:
     return {
-        "input": {"raw": text, "nl": request.nl, "parsed": _parsed_input(request)},
+        "schema_version": SCHEMA_VERSION,
+        "input": input_json(text, request.nl),
+        "parsed": _parsed_input(request),
         "model": {"name": resolved.name, "path": str(resolved.path), "sha256": resolved.spec.sha256 if resolved.spec else None,
                   "family": resolved.family, "quality_line": request.quality_line},
         "family": request.family,
