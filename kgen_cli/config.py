@@ -49,19 +49,13 @@ def read_config() -> dict[str, Any] | None:
     path = config_path()
     if not path.is_file():
         return None
-    import yaml
-
-    from kgen_cli.registry import _strict_loader  # a key given twice is an error, as in models.yaml
+    from kgen_cli.registry import load_yaml  # strictly, as models.yaml
 
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506 - a SafeLoader
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc})") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from exc
+    data = load_yaml(str(path), text)
     if data is None:
         return {}
     if not isinstance(data, dict):

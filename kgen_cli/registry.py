@@ -282,14 +282,13 @@ def _strict_loader() -> type:
     return StrictLoader
 
 
-def _parse(where: str, text: str, *, require_models: bool,
-           local_paths: Path | None = None) -> tuple[str | None, list[ModelSpec]]:  # fmt: skip
-    """`local_paths`: the folder relative `path:` entries are resolved against; None refuses
-    `path:` (the packaged registry lists hub files only)."""
+def load_yaml(where: str, text: str) -> Any:
+    """A YAML document of kgen's (models.yaml, config.yaml), strictly: a key given twice is an
+    error, and any problem is one RegistryError line naming the file (and the line)."""
     import yaml
 
     try:
-        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
     except RecursionError:
         raise RegistryError(f"{where}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
@@ -297,6 +296,13 @@ def _parse(where: str, text: str, *, require_models: bool,
         at = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RegistryError(f"{where}: invalid YAML{at}: {problem}") from exc
+
+
+def _parse(where: str, text: str, *, require_models: bool,
+           local_paths: Path | None = None) -> tuple[str | None, list[ModelSpec]]:  # fmt: skip
+    """`local_paths`: the folder relative `path:` entries are resolved against; None refuses
+    `path:` (the packaged registry lists hub files only)."""
+    data = load_yaml(where, text)
     if data is None and not require_models:
         return None, []
     if not isinstance(data, dict):
