@@ -20,19 +20,27 @@ from kgen_cli.commands import batch as batch_cmd
 from kgen_cli.commands import expand as expand_cmd
 from kgen_cli.commands import info as info_cmd
 from kgen_cli.commands import models as models_cmd
-from kgen_cli.console import debug_enabled, err_console, stand_in_for_closed_streams
+from kgen_cli.console import (
+    debug_enabled,
+    err_console,
+    examples,
+    help_as_usage_error,
+    plain_output,
+    reflow,
+    stand_in_for_closed_streams,
+)
 from kgen_cli.errors import KgenError, OutputClosed
 
 app = typer.Typer(
     name="kgen",
-    no_args_is_help=True,
+    invoke_without_command=True,  # alone: the help on stderr, exit 2 (root below)
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("expand")(expand_cmd.expand)
-app.command("batch")(batch_cmd.batch)
-app.command("info")(info_cmd.info)
+for _name, _module in (("expand", expand_cmd), ("batch", batch_cmd), ("info", info_cmd)):
+    _function = getattr(_module, _name)
+    app.command(_name, help=reflow(_function.__doc__), epilog=_module.EXAMPLES)(_function)
 app.add_typer(models_cmd.app, name="models")
 
 
@@ -48,8 +56,13 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(epilog=examples(
+    'kgen expand "1girl, dragon horns"',
+    "kgen batch prompts.txt -o out.txt",
+    "kgen models list",
+))  # fmt: skip
 def root(
+    ctx: typer.Context,
     version: Annotated[
         Optional[bool],
         typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
@@ -59,6 +72,8 @@ def root(
 
     Results go to stdout, diagnostics to stderr. Set KGEN_DEBUG=1 to see tracebacks.
     """
+    if ctx.invoked_subcommand is None:
+        help_as_usage_error(ctx)
 
 
 def _fail(message: str, code: int) -> None:
@@ -72,12 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     With KGEN_DEBUG=1 the traceback is printed first; the error line and exit status stay the same.
     """
     stand_in_for_closed_streams()
+    if plain_output():  # Typer's help console would still use bold under NO_COLOR
+        from typer import rich_utils
+
+        rich_utils.COLOR_SYSTEM = None
     command = typer.main.get_command(app)
     if (bad := _not_utf8(sys.argv[1:] if argv is None else argv)) is not None:
         _fail(f"argument {bad} is not valid UTF-8", 2)
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
-        code = command.main(args=argv, prog_name="kgen", standalone_mode=False)
+        from kgen_cli.config import default_map
+
+        code = command.main(args=argv, prog_name="kgen", standalone_mode=False, default_map=default_map(command))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except SystemExit as exc:
@@ -89,10 +110,6 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except typer.Abort:
         _fail("interrupted", 130)
-    except click_exceptions.NoArgsIsHelpError as exc:
-        # `kgen` or `kgen models` alone: show the help, as click does, with its usage exit code.
-        typer.echo(exc.ctx.get_help(), err=True)
-        sys.exit(2)
     except click_exceptions.UsageError as exc:
         _traceback()
         ctx = exc.ctx

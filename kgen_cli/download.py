@@ -7,9 +7,10 @@ so later runs find them. Progress bars are huggingface_hub's tqdm bars on stderr
 already on disk are used.
 
 A file whose size or sha256 the registry knows is checked after every download and before first
-use; a file that passed is recorded in `<kgen home>/verified.json` (by real path, size and mtime),
-so a 500 MB model is hashed once, not on every run. A file that fails is deleted after a download,
-and refused when found on disk.
+use; every file hashed is recorded with its sha256 in `<kgen home>/verified.json` (by real path,
+size and mtime), so a 500 MB model is hashed once, not on every run, and `kgen models list` can
+say "corrupt" for a file that failed without hashing it again ("unverified" until it is first
+used). A file that fails is deleted after a download, and refused when found on disk.
 
 A locally quantised variant (`NAME@QTYPE`) lives in `<kgen home>/quantized/NAME-QTYPE.gguf`.
 """
@@ -27,8 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kgen_cli.console import err_console
-from kgen_cli.errors import DownloadError, EngineError, ModelNotFoundError
+from kgen_cli.console import err_console, human_size, info
+from kgen_cli.errors import DownloadError, EngineError, ModelNotFoundError, UsageError
 from kgen_cli.paths import kgen_home
 from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
 from kgen_cli.registry import (
@@ -42,6 +43,11 @@ from kgen_cli.registry import (
 )
 
 VERIFIED_FILE = "verified.json"
+HUB_SIZES_FILE = "hub-sizes.json"
+# Seconds one request to the hub may take before kgen gives up on it; a failed attempt is tried
+# once more, so an unreachable hub fails in seconds (huggingface_hub alone retries for ~25 s).
+HUB_TIMEOUT = 4.0
+UNREACHABLE_HINT = "check the network; HF_HUB_OFFLINE=1 uses downloaded models only, -m PATH a local .gguf"
 LOCAL_FILES_FILE = "local-files.json"
 QUANTIZED_DIR = "quantized"
 _CHUNK = 1 << 20
@@ -60,6 +66,14 @@ def try_to_load_from_cache(**kwargs: Any) -> Any:
     from huggingface_hub import try_to_load_from_cache as impl
 
     return impl(**kwargs)
+
+
+def hub_file_size(repo: str, file: str, *, timeout: float) -> int | None:
+    """The file's size on the hub, from one HEAD request (no retry); raises the hub's errors,
+    or the HTTP client's for a hub that cannot be reached."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    return get_hf_file_metadata(hf_hub_url(repo, file), timeout=timeout).size
 
 
 def is_offline() -> bool:
@@ -95,7 +109,12 @@ def local_path(spec: ModelSpec, *, verify: bool = True) -> Path | None:
     if spec.source is not None:
         path = quantized_path(spec)
         return path if path.is_file() else None
-    path = _recorded_local_file(spec) or _cached_file(spec)
+    if spec.path is not None:  # the user's own file, named in their models.yaml
+        path = Path(spec.path)
+        if not path.is_file():
+            return None
+    else:
+        path = _recorded_local_file(spec) or _cached_file(spec)
     if path is not None and verify:
         _check_file(spec, path, delete_bad=False)
     return path
@@ -126,16 +145,45 @@ def _cached_file(spec: ModelSpec) -> Path | None:
     return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
 
-def size_mismatch(spec: ModelSpec, path: Path) -> str | None:
-    """What is wrong with a file whose size is not the registry's (a stat, no hashing), or None."""
+def disk_status(spec: ModelSpec) -> tuple[str, Path | None, str | None]:
+    """(status, path, problem) for `models list` and `kgen info`, never hashing: status is
+    "yes", "unverified" or "corrupt" (see `file_state`) for a file on disk, "no" without one."""
+    path = local_path(spec, verify=False)
+    if path is None:
+        return "no", None, None
+    state, problem = file_state(spec, path)
+    return {"ok": "yes"}.get(state, state), path, problem
+
+
+def file_state(spec: ModelSpec, path: Path) -> tuple[str, str | None]:
+    """What is known about a file on disk without hashing it, as (state, problem):
+
+    - "ok": it matches every check the registry has, or the sha256 recorded for it does;
+    - "unverified": the registry has a sha256 that this file (at its size and mtime) was never
+      hashed against; the first use (`models path`, a run) hashes it;
+    - "corrupt": a wrong size, an unreadable file, or a recorded sha256 that is not the registry's
+      (`problem` says which). `models path` and the commands refuse it."""
     try:
-        return _wrong_size(spec, path.stat().st_size)
+        real = path.resolve()
+        stat = real.stat()
     except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
+        return "corrupt", f"cannot be read ({exc.strerror})"
+    if problem := _wrong_size(spec, stat.st_size):
+        return "corrupt", problem
+    if spec.sha256 is None:
+        return "ok", None
+    digest = _recorded_digest(real, stat)
+    if digest is None:
+        return "unverified", None
+    return ("ok", None) if digest == spec.sha256 else ("corrupt", _wrong_digest(spec, digest))
 
 
 def _wrong_size(spec: ModelSpec, size: int) -> str | None:
     return f"is {size} bytes, expected {spec.size}" if spec.size is not None and size != spec.size else None
+
+
+def _wrong_digest(spec: ModelSpec, digest: str) -> str:
+    return f"has sha256 {digest}, expected {spec.sha256}"
 
 
 def _identity(path: Path | None) -> tuple[int, int, int] | None:
@@ -176,6 +224,8 @@ def locate(resolved: ResolvedModel, *, download_missing: bool = False, quiet: bo
     if resolved.path is not None:
         return resolved
     spec = resolved.spec
+    if spec.path is not None:  # the user's own file, named in their models.yaml
+        return replace(resolved, path=existing_file(spec.path, f"model '{spec.name}', path: in models.yaml"))
     path = local_path(spec)
     if path is None:
         if download_missing and not is_offline():
@@ -211,6 +261,8 @@ def download(
     file already on disk is returned."""
     if quant is not None:
         spec = derive_quantized(spec, quant)
+    if spec.path is not None:
+        raise UsageError(f"'{spec.name}' is a local file (path: in models.yaml): there is nothing to download")
     if offline is None:
         offline = is_offline()
     if spec.source is not None:
@@ -229,6 +281,11 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
     kwargs["local_files_only"] = offline
     before = None if force else _identity(Path(kwargs["local_dir"]) / spec.file if local_dir is not None
                                           else _cached_file(spec))  # fmt: skip
+    if before is None and not offline:
+        size = _probe(spec)  # fails in seconds when the hub cannot be reached
+        if not quiet:
+            how_big = f" ({human_size(size)})" if size is not None else ""
+            info(f"downloading {spec.name}{how_big} from {spec.repo}")
     with _progress_bars(enabled=not quiet), _quiet_hub_log():
         try:
             found = hf_hub_download(**kwargs)
@@ -246,6 +303,79 @@ def _fetch(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | None, force: 
     return path
 
 
+def _probe(spec: ModelSpec) -> int | None:
+    """Ask the hub for the file before downloading it: its size (the registry's when known), or
+    one DownloadError line within seconds when the hub cannot be reached or refuses the file."""
+    for attempt in range(2):
+        try:
+            size = hub_file_size(spec.repo, spec.file, timeout=HUB_TIMEOUT)
+        except Exception as exc:
+            if _unreachable(exc):
+                if attempt == 0:
+                    continue
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                raise DownloadError(f"{spec.name}: cannot reach the Hugging Face hub ({reason})",
+                                    hint=UNREACHABLE_HINT) from exc  # fmt: skip
+            error = _download_error(spec, exc, offline=False)
+            if error is None:
+                raise
+            raise error from exc
+        if size is not None:
+            _remember_hub_sizes({(spec.repo, spec.file): size})
+        return spec.size if spec.size is not None else size
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unreachable(exc: Exception) -> bool:
+    """A failure to talk to the hub at all (DNS, refused, timeout), not an answer from it. The
+    HTTP client differs between huggingface_hub versions (requests, httpx), so by kind: an
+    OSError or one of the client library's own errors, never an HTTP status from the hub."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, (errors.HfHubHTTPError, errors.HFValidationError, errors.OfflineModeIsEnabled)):
+        return False
+    client = type(exc).__module__.split(".")[0]
+    return isinstance(exc, (OSError, TimeoutError)) or client in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def hub_sizes(specs: list[ModelSpec]) -> dict[str, int]:
+    """Sizes on the hub of registry files whose entry has none, by model name: remembered in
+    `<kgen home>/hub-sizes.json`, asked of the hub (in parallel, HUB_TIMEOUT each, at most once
+    a run after a failure to reach it) only for files not yet known and only when online."""
+    known = _read_state(HUB_SIZES_FILE)
+    sizes = {s.name: known[f"{s.repo}/{s.file}"] for s in specs if isinstance(known.get(f"{s.repo}/{s.file}"), int)}
+    missing = [s for s in specs if s.name not in sizes]
+    if not missing or is_offline():
+        return sizes
+    from concurrent.futures import ThreadPoolExecutor
+
+    unreachable = []
+
+    def ask(spec: ModelSpec) -> int | None:
+        if unreachable:
+            return None
+        try:
+            return hub_file_size(spec.repo, spec.file, timeout=HUB_TIMEOUT)
+        except Exception as exc:  # a listing shows '-' for what it could not learn
+            if _unreachable(exc):
+                unreachable.append(exc)
+            return None
+
+    with _quiet_hub_log(), ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(missing, pool.map(ask, missing)))
+    learned = {(s.repo, s.file): size for s, size in found.items() if size is not None}
+    _remember_hub_sizes(learned)
+    sizes.update({s.name: size for s, size in found.items() if size is not None})
+    return sizes
+
+
+def _remember_hub_sizes(sizes: dict[tuple[str, str], int]) -> None:
+    if sizes:
+        state = _read_state(HUB_SIZES_FILE)
+        state.update({f"{repo}/{file}": size for (repo, file), size in sizes.items()})
+        _write_state(HUB_SIZES_FILE, state)
+
+
 def _download_error(spec: ModelSpec, exc: Exception, *, offline: bool) -> DownloadError | None:
     """One line for each hub failure; None for anything that is not a download problem."""
     from huggingface_hub import errors
@@ -260,7 +390,7 @@ def _download_error(spec: ModelSpec, exc: Exception, *, offline: bool) -> Downlo
             return DownloadError(f"{spec.name}: {what} is not downloaded and HF_HUB_OFFLINE is set",
                                  hint="unset HF_HUB_OFFLINE to download it")  # fmt: skip
         return DownloadError(f"{spec.name}: cannot reach the Hugging Face hub and {what} is not cached",
-                             hint="check the network connection (or HF_ENDPOINT)")  # fmt: skip
+                             hint=UNREACHABLE_HINT)  # fmt: skip
     if isinstance(exc, errors.GatedRepoError):
         return DownloadError(f"{spec.name}: {spec.repo} is gated on the hub",
                              hint="accept its terms on huggingface.co, then `hf auth login` or set HF_TOKEN")  # fmt: skip
@@ -346,6 +476,38 @@ def _quantize_locally(spec: ModelSpec, *, local_dir: str | os.PathLike[str] | No
     return target
 
 
+# --- removal ------------------------------------------------------------------------------------
+
+
+def remove(spec: ModelSpec) -> list[tuple[Path, int]]:
+    """Delete what kgen downloaded or made for the model: its file (in the HF cache the blob and
+    the snapshot's link to it; a --local-dir file kgen recorded) and its local quantisations
+    (`NAME@QTYPE`: only that one). Returns (path, bytes freed) for each file deleted."""
+    if spec.path is not None:
+        raise UsageError(f"'{spec.name}' is your own file (path: in models.yaml); kgen does not delete it")
+    if spec.source is not None:
+        files = [quantized_path(spec)]
+    else:
+        files = [_recorded_local_file(spec), _cached_file(spec)]
+        folder = kgen_home(create=False) / QUANTIZED_DIR
+        files += [folder / f"{spec.name}-{qtype}.gguf" for qtype in LOCAL_QUANT_TYPES]
+    removed = []
+    for path in files:
+        if path is None or not (path.is_file() or path.is_symlink()):
+            continue
+        real = path.resolve()
+        size = real.stat().st_size if real.is_file() else 0
+        real.unlink(missing_ok=True)
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+        removed.append((path, size))
+    if spec.source is None:
+        state = _read_state(LOCAL_FILES_FILE)
+        if state.pop(spec.name, None) is not None:
+            _write_state(LOCAL_FILES_FILE, state)
+    return removed
+
+
 # --- size / sha256 checks -----------------------------------------------------------------------
 
 
@@ -368,12 +530,13 @@ def _check_file(spec: ModelSpec, path: Path, *, delete_bad: bool) -> None:
     except OSError as exc:
         raise DownloadError(f"{spec.name}: cannot read {path}: {exc.strerror}") from exc
     problem = _wrong_size(spec, stat.st_size)
-    if problem is None and spec.sha256 is not None and not _is_verified(real, stat, spec.sha256):
-        digest = file_sha256(real)
+    if problem is None and spec.sha256 is not None:
+        digest = _recorded_digest(real, stat)
+        if digest is None:
+            digest = file_sha256(real)
+            _record_digest(real, stat, digest)  # a bad one too: `models list` then says "corrupt"
         if digest != spec.sha256:
-            problem = f"has sha256 {digest}, expected {spec.sha256}"
-        else:
-            _mark_verified(real, stat, spec.sha256)
+            problem = _wrong_digest(spec, digest)
     if problem is None:
         return
     if delete_bad:
@@ -387,12 +550,16 @@ def _check_file(spec: ModelSpec, path: Path, *, delete_bad: bool) -> None:
     raise DownloadError(f"{spec.name}: {path} {problem}", hint=f"run: kgen models download {spec.name} --force")
 
 
-def _is_verified(real: Path, stat: os.stat_result, sha256: str) -> bool:
+def _recorded_digest(real: Path, stat: os.stat_result) -> str | None:
+    """The sha256 recorded for this file when it had this size and mtime, else None."""
     entry = _read_state(VERIFIED_FILE).get(str(real))
-    return entry == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    if not isinstance(entry, dict) or (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+        return None
+    digest = entry.get("sha256")
+    return digest if isinstance(digest, str) else None
 
 
-def _mark_verified(real: Path, stat: os.stat_result, sha256: str) -> None:
+def _record_digest(real: Path, stat: os.stat_result, sha256: str) -> None:
     state = _read_state(VERIFIED_FILE)
     state = {key: value for key, value in state.items() if os.path.exists(key)}  # forget deleted files
     state[str(real)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}

@@ -448,7 +448,7 @@ def set_verbose(verbose: bool) -> None:
         _ll.llama_log_set(_log_callback, None)
 
 
-def _last_error(default: str = "see --verbose for llama.cpp's log") -> str:
+def _last_error(default: str = "see --llama-log (or -vv) for llama.cpp's log") -> str:
     return _log_errors[-1] if _log_errors else default
 
 

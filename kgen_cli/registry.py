@@ -4,12 +4,16 @@ The packaged `models.yaml` lists every known TIPO/DTG GGUF; `<kgen home>/models.
 replaces entries by name and may change the default. Both are validated strictly: a typo is an
 error that names the file and the entry, never a silently ignored key.
 
-`--model` accepts three spellings:
+`--model` accepts four spellings:
 
-- a registry name: `tipo-500m-q8_0`;
+- a registry name: `tipo-500m-q8_0` (an entry of the user's models.yaml may name a local file
+  with `path:` instead of `repo`/`file`);
 - a registry name with `@QTYPE`: `tipo-500m-ft@Q8_0`, the F16 model quantised locally by
   `kgen models download tipo-500m-ft --quant Q8_0` (same as `kgen models download tipo-500m-ft@Q8_0`);
-- a path to a local `.gguf` file (`--family` says how to prompt it, else the file name does).
+- a path to a local `.gguf` file (`--family` says how to prompt it, else the file name, else
+  `KGEN_FAMILY`);
+- `hf:OWNER/REPO/FILE.gguf`: any GGUF on the hub, downloaded like a registry model (the family
+  as for a local file).
 
 Import-light: yaml is imported only when a registry is loaded.
 """
@@ -34,6 +38,8 @@ MAX_REGISTRY_BYTES = 1 << 20
 # One model call's context (prompt + new tokens) is min(context_length, N_CTX_CAP) by default.
 N_CTX_CAP = 2048
 QUANT_SEPARATOR = "@"
+HUB_PREFIX = "hf:"
+FAMILY_ENV = "KGEN_FAMILY"  # the family of a local or hf: file whose name says neither
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -44,25 +50,28 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. `source` is set only for a locally quantised variant (`NAME@QTYPE`):
-    then `repo`/`file` are the source's hub file and `quant` is the local target type."""
+    then `repo`/`file` are the source's hub file and `quant` is the local target type. `path`
+    is set only for a user's entry naming a local file: then `repo`/`file` are None, and
+    `quant`/`context_length` may be unknown (None: the GGUF and the runner decide)."""
 
     name: str
     family: str
-    repo: str
-    file: str
-    quant: str
-    context_length: int
+    repo: str | None
+    file: str | None
+    quant: str | None
+    context_length: int | None
     quality_line: bool = False
     size: int | None = None
     sha256: str | None = None
     description: str | None = None
     base: str | None = None
     source: ModelSpec | None = None
+    path: str | None = None
 
     @property
-    def n_ctx(self) -> int:
-        """One model call's context (prompt + new tokens) by default."""
-        return min(self.context_length, N_CTX_CAP)
+    def n_ctx(self) -> int | None:
+        """One model call's context (prompt + new tokens) by default; None when unknown."""
+        return None if self.context_length is None else min(self.context_length, N_CTX_CAP)
 
     @property
     def is_local_quant(self) -> bool:
@@ -83,6 +92,8 @@ class ModelSpec:
             "description": self.description,
             "base": self.base,
         }
+        if self.path is not None:
+            data["local_path"] = self.path
         if self.source is not None:
             data["quantized_locally_from"] = self.source.name
         return data
@@ -115,7 +126,8 @@ class ResolvedModel:
 
 # --- the registry -------------------------------------------------------------------------------
 
-# key -> (type, required)
+# key -> (type, required in a hub entry). An entry with `path` (a local file, user's models.yaml
+# only) needs name, family and path, and has no repo/file.
 _FIELDS: dict[str, tuple[type, bool]] = {
     "name": (str, True),
     "family": (str, True),
@@ -128,7 +140,9 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "sha256": (str, False),
     "description": (str, False),
     "base": (str, False),
+    "path": (str, False),
 }
+_PATH_ENTRY_REQUIRED = ("name", "family", "path")
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 _TOP_LEVEL = ("default", "models")
 
@@ -170,10 +184,12 @@ def derive_quantized(spec: ModelSpec, qtype: str) -> ModelSpec:
     """The `NAME@QTYPE` variant of an F16/BF16/F32 registry model, quantised locally by kgen."""
     if spec.source is not None:
         raise UsageError(f"'{spec.name}' is already a local quantisation")
+    if spec.path is not None:
+        raise UsageError(f"'{spec.name}' is a local file (path: in models.yaml); kgen quantises hub downloads only")
     target = qtype.strip().upper()
     if target not in LOCAL_QUANT_TYPES:
         raise UsageError(f"unknown quantisation type '{qtype}'", hint=f"choose one of {', '.join(LOCAL_QUANT_TYPES)}")
-    if spec.quant.upper() not in QUANTIZABLE_SOURCES:
+    if (spec.quant or "").upper() not in QUANTIZABLE_SOURCES:
         raise UsageError(
             f"'{spec.name}' is already quantised ({spec.quant}); kgen quantises only F16/BF16/F32 models",
             hint="pick an F16 model such as tipo-500m-ft",
@@ -225,7 +241,7 @@ def load_registry() -> Registry:
             user_text = user.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise RegistryError(f"{user}: cannot be read ({exc})") from exc
-        user_default, user_entries = _parse(str(user), user_text, require_models=False)
+        user_default, user_entries = _parse(str(user), user_text, require_models=False, local_paths=user.parent)
         for spec in user_entries:
             models[spec.name] = spec  # same name: the user's entry replaces the packaged one
         default = user_default or default
@@ -266,11 +282,13 @@ def _strict_loader() -> type:
     return StrictLoader
 
 
-def _parse(where: str, text: str, *, require_models: bool) -> tuple[str | None, list[ModelSpec]]:
+def load_yaml(where: str, text: str) -> Any:
+    """A YAML document of kgen's (models.yaml, config.yaml), strictly: a key given twice is an
+    error, and any problem is one RegistryError line naming the file (and the line)."""
     import yaml
 
     try:
-        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
     except RecursionError:
         raise RegistryError(f"{where}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
@@ -278,6 +296,13 @@ def _parse(where: str, text: str, *, require_models: bool) -> tuple[str | None, 
         at = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RegistryError(f"{where}: invalid YAML{at}: {problem}") from exc
+
+
+def _parse(where: str, text: str, *, require_models: bool,
+           local_paths: Path | None = None) -> tuple[str | None, list[ModelSpec]]:  # fmt: skip
+    """`local_paths`: the folder relative `path:` entries are resolved against; None refuses
+    `path:` (the packaged registry lists hub files only)."""
+    data = load_yaml(where, text)
     if data is None and not require_models:
         return None, []
     if not isinstance(data, dict):
@@ -300,7 +325,7 @@ def _parse(where: str, text: str, *, require_models: bool) -> tuple[str | None, 
     specs: list[ModelSpec] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_models, start=1):
-        spec = _parse_entry(where, index, raw)
+        spec = _parse_entry(where, index, raw, local_paths)
         if spec.name in seen:
             raise RegistryError(f"{where}: entry '{spec.name}': duplicate name")
         seen.add(spec.name)
@@ -308,7 +333,7 @@ def _parse(where: str, text: str, *, require_models: bool) -> tuple[str | None, 
     return default, specs
 
 
-def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
+def _parse_entry(where: str, index: int, raw: object, local_paths: Path | None) -> ModelSpec:
     label = f"entry #{index}"
     if isinstance(raw, dict) and isinstance(raw.get("name"), str):
         label = f"entry '{raw['name']}'"
@@ -321,9 +346,14 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
     for key in raw:
         if key not in _FIELDS:
             raise fail(f"unknown key '{key}'{_did_you_mean(str(key), _FIELDS)}")
+    local = "path" in raw
+    if local and local_paths is None:
+        raise fail("'path' is for your own models.yaml only")
+    if local and ("repo" in raw or "file" in raw):
+        raise fail("give either 'path' (a local file) or 'repo' and 'file' (a hub file), not both")
     for key, (kind, required) in _FIELDS.items():
         if key not in raw:
-            if required:
+            if (key in _PATH_ENTRY_REQUIRED) if local else required:
                 raise fail(f"missing key '{key}'")
             continue
         value = raw[key]
@@ -331,20 +361,26 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise fail(f"'{key}' must be {_TYPE_WORDS[kind]}, not {_yaml_type(value)}")
 
-    name, family, repo, file, quant = (raw[k] for k in ("name", "family", "repo", "file", "quant"))
+    name, family, repo, file, quant = (raw.get(k) for k in ("name", "family", "repo", "file", "quant"))
     if not _NAME_RE.fullmatch(name):
         raise fail("'name' must be lower-case letters, digits, '.', '_' or '-' (starting with a letter or digit)")
     if family not in FAMILIES:
         raise fail(f"'family' must be one of {', '.join(FAMILIES)}, not '{family}'")
-    if not _REPO_RE.fullmatch(repo):
-        raise fail(f"'repo' must look like owner/name, not '{repo}'")
-    if not file.lower().endswith(".gguf"):
-        raise fail(f"'file' must be a .gguf file, not '{file}'")
-    if not _is_repo_file(file):
-        raise fail(f"'file' must be a path inside the repository (no leading '/', no '..'), not '{file}'")
-    if not _QUANT_RE.fullmatch(quant):
+    path = None
+    if local:
+        if not raw["path"].strip():
+            raise fail("'path' must name a .gguf file")
+        path = str(local_paths / Path(raw["path"]).expanduser())  # relative: to the models.yaml
+    else:
+        if not _REPO_RE.fullmatch(repo):
+            raise fail(f"'repo' must look like owner/name, not '{repo}'")
+        if not file.lower().endswith(".gguf"):
+            raise fail(f"'file' must be a .gguf file, not '{file}'")
+        if not _is_repo_file(file):
+            raise fail(f"'file' must be a path inside the repository (no leading '/', no '..'), not '{file}'")
+    if quant is not None and not _QUANT_RE.fullmatch(quant):
         raise fail(f"'quant' must be an upper-case llama.cpp type such as F16 or Q8_0, not '{quant}'")
-    if raw["context_length"] <= 0:
+    if raw.get("context_length") is not None and raw["context_length"] <= 0:
         raise fail("'context_length' must be positive")
     if raw.get("size") is not None and raw["size"] <= 0:
         raise fail("'size' must be a positive number of bytes")
@@ -363,12 +399,13 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
         repo=repo,
         file=file,
         quant=quant,
-        context_length=raw["context_length"],
+        context_length=raw.get("context_length"),
         quality_line=quality_line,
         size=raw.get("size"),
         sha256=sha256,
         description=raw.get("description"),
         base=raw.get("base"),
+        path=path,
     )
 
 
@@ -398,13 +435,18 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def registry_spec_only(model: str | None, family: str | None) -> ResolvedModel:
     """`--model`/`--family` to a model, without looking for its file (`download.locate` does):
-    `model` is a registry name (None: the default), `NAME@QTYPE`, or a path to a local .gguf. A
-    registry model comes back with `path=None`; a local path is not checked."""
+    `model` is a registry name (None: the default), `NAME@QTYPE`, `hf:OWNER/REPO/FILE.gguf` or a
+    path to a local .gguf. A registry or hub model comes back with `path=None`; a local path (or
+    a `path:` entry's file) is not checked."""
     family = check_family(family)
     if model is not None and looks_like_path(model):
         return _resolve_path(model, family)
-    registry = load_registry()
-    spec = registry.default_spec if model is None else registry.get(model.strip())
+    if model is not None and model.strip().startswith(HUB_PREFIX):
+        spec = hub_spec(model, family)
+        chosen, assumed = file_family(Path(spec.file), family)
+        return ResolvedModel(name=spec.name, path=None, family=chosen, spec=spec,
+                             quality_line=_delta_quality_line(chosen, spec.file), family_assumed=assumed)  # fmt: skip
+    spec = lookup(load_registry(), model)
     chosen = family or spec.family
     return ResolvedModel(name=spec.name, path=None, family=chosen, spec=spec,
                          quality_line=spec.quality_line and chosen == "dtg")
@@ -421,39 +463,77 @@ def guess_family(path: Path) -> str | None:
 
 
 def looks_like_path(model: str) -> bool:
-    """Registry names never hold a path separator nor end in .gguf."""
+    """Registry names never hold a path separator nor end in .gguf; `hf:` names a hub file."""
+    if model.strip().startswith(HUB_PREFIX):
+        return False
     return model.lower().endswith(".gguf") or "/" in model or os.sep in model
 
 
-def check_family(family: str | None) -> str | None:
+def lookup(registry: Registry, model: str | None) -> ModelSpec:
+    """The entry `--model` names: None (the default), a name, `NAME@QTYPE`, or `hf:OWNER/REPO/FILE`."""
+    if model is None:
+        return registry.default_spec
+    model = model.strip()
+    return hub_spec(model) if model.startswith(HUB_PREFIX) else registry.get(model)
+
+
+def hub_spec(model: str, family: str | None = None) -> ModelSpec:
+    """`hf:OWNER/REPO/FILE.gguf` (FILE may sit in folders) as an entry of its own, downloaded and
+    cached like a registry model. Its family is chosen as for a local file."""
+    ref = model.strip()[len(HUB_PREFIX):]
+    owner, _, rest = ref.partition("/")
+    repo_name, _, file = rest.partition("/")
+    repo = f"{owner}/{repo_name}"
+    if not _REPO_RE.fullmatch(repo) or not file.lower().endswith(".gguf") or not _is_repo_file(file):
+        raise UsageError(f"'{model}' is not {HUB_PREFIX}OWNER/REPO/FILE.gguf",
+                         hint="e.g. hf:KBlueLeaf/TIPO-500M-ft/TIPO-500M-ft-F16.gguf")  # fmt: skip
+    chosen, _ = file_family(Path(file), family)
+    return ModelSpec(name=f"{HUB_PREFIX}{repo}/{file}", family=chosen, repo=repo, file=file, quant=None,
+                     context_length=None)  # fmt: skip
+
+
+def file_family(path: Path, family: str | None) -> tuple[str, bool]:
+    """(family, assumed) of a file kgen knows only by its name: `--family`, else what the name
+    says, else KGEN_FAMILY, else TIPO, kgen's default (`assumed`: the commands say so)."""
+    chosen = family or guess_family(path) or check_family(os.environ.get(FAMILY_ENV) or None, FAMILY_ENV)
+    return (chosen, False) if chosen else ("tipo", True)
+
+
+def check_family(family: str | None, where: str | None = None) -> str | None:
+    """`family` lower-cased, None for None; UsageError for anything else (`where`: the source
+    named in the message when it is not --family)."""
     if family is None:
         return None
     lowered = family.strip().lower()
     if lowered not in FAMILIES:
-        raise UsageError(f"unknown family '{family}'", hint=f"use --family {' or --family '.join(FAMILIES)}")
+        raise UsageError(f"unknown family '{family}'" + (f" ({where})" if where else ""),
+                         hint=f"use --family {' or --family '.join(FAMILIES)}")  # fmt: skip
     return lowered
 
 
-def existing_file(model: str) -> Path:
-    """The local model file `model` names, resolved; ModelNotFoundError when there is none."""
+def existing_file(model: str, what: str | None = None) -> Path:
+    """The local model file `model` names, resolved; ModelNotFoundError when there is none
+    (`what` says where the name came from)."""
     path = Path(model).expanduser()
+    where = f" ({what})" if what else ""
     if not path.exists():
-        raise ModelNotFoundError(f"no such model file: {model}")
+        raise ModelNotFoundError(f"no such model file: {model}{where}")
     if not path.is_file():
-        raise ModelNotFoundError(f"not a file: {model}")
+        raise ModelNotFoundError(f"not a file: {model}{where}")
     return path.resolve()
+
+
+def _delta_quality_line(family: str, file_name: str) -> bool:
+    # The peers name DTG files <repo>_<file>: only the delta models have the quality line.
+    return family == "dtg" and "delta" in Path(file_name).name.lower()
 
 
 def _resolve_path(model: str, family: str | None) -> ResolvedModel:
     path = Path(model).expanduser()
-    chosen = family or guess_family(path)
-    # A renamed or fine-tuned file: TIPO, kgen's default family, rather than a usage error.
-    assumed = chosen is None
-    chosen = chosen or "tipo"
-    # The peers name DTG files <repo>_<file>: only the delta models have the quality line.
-    quality_line = chosen == "dtg" and "delta" in path.name.lower()
-    return ResolvedModel(name=str(path), path=path, family=chosen, spec=None, quality_line=quality_line,
-                         family_assumed=assumed)
+    # A renamed or fine-tuned file: KGEN_FAMILY, else TIPO, kgen's default family, not an error.
+    chosen, assumed = file_family(path, family)
+    return ResolvedModel(name=str(path), path=path, family=chosen, spec=None,
+                         quality_line=_delta_quality_line(chosen, path.name), family_assumed=assumed)  # fmt: skip
 
 
 def family_note(resolved: ResolvedModel) -> str | None:
@@ -461,4 +541,4 @@ def family_note(resolved: ResolvedModel) -> str | None:
     if not resolved.family_assumed:
         return None
     return (f"note: '{Path(resolved.name).name}' names neither TIPO nor DTG: prompting it as TIPO "
-            f"(--family dtg for a DanTagGen model)")
+            f"(--family dtg for a DanTagGen model; {FAMILY_ENV}=tipo or =dtg sets it for every such file)")

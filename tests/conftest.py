@@ -58,6 +58,20 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def quiet_hub(monkeypatch):
+    """No test talks to the real hub: its one metadata request answers "size unknown" unless a
+    test puts its own answer there (kgen_cli.download.hub_file_size, the network boundary)."""
+    calls = []
+
+    def hub_file_size(repo: str, file: str, *, timeout: float):
+        calls.append((repo, file))
+        return None
+
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", hub_file_size)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """Path to the real SmolLM2 GGUF; skips the test when it or llama_cpp is missing."""

@@ -453,7 +453,7 @@ def test_stdin_jsonl_in_order_with_16_sequences_at_once_and_refills(model_path, 
     docs = [json.loads(line) for line in out]  # stdout holds results only: every line is a record
     for i, d in enumerate(docs):
         assert (d["index"], d["id"], d["line"], d["seed"]) == (i, f"p{i}", i + 1, 1000 + i)
-        assert d["input"] == {"tags": lines[i], "max_tokens": 2 + i % 7}
+        assert d["input"] == {"tags": lines[i], "nl": "", "options": {"max_tokens": 2 + i % 7}}
         assert owns(d["formatted"], lines[i])
         assert len(d["calls"]) == 1 and d["calls"][0]["seed"] == 1000 + i
         assert d["calls"][0]["n_tokens"] <= 2 + i % 7

@@ -376,3 +376,105 @@ def test_quantised_models_cannot_be_quantised_again(hub):
     with pytest.raises(UsageError, match="already quantised"):
         dl.download(load_registry().get("tipo-500m-q8_0"), quant="Q4_K_M")
     assert hub.calls == []
+
+
+# --- the first download: what, from where, how big; an unreachable hub fails fast --------------
+
+
+def test_a_download_is_announced_on_stderr_before_it_starts(hub, quiet_hub, monkeypatch, capsys):
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", lambda repo, file, *, timeout: 540_629_120)
+    announced = []
+    hub_call = hub.mock.side_effect
+    hub.mock.side_effect = lambda **kw: announced.append(capsys.readouterr()) or hub_call(**kw)
+    path = dl.download(spec())
+    assert announced[0].err == "downloading tipo-x (540.6 MB) from someone/TIPO-X-GGUF\n"
+    assert announced[0].out == ""
+    # Cached now: no announcement, no question to the hub's metadata.
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.setattr("kgen_cli.download.try_to_load_from_cache", lambda **kw: str(path))
+    dl.download(spec())
+    assert capsys.readouterr().err == ""
+
+
+def test_the_registry_size_is_announced_and_quiet_announces_nothing(hub, quiet_hub, capsys):
+    dl.download(spec(size=len(CONTENT)))
+    assert capsys.readouterr().err == f"downloading tipo-x ({len(CONTENT) / 1000:.1f} KB) from someone/TIPO-X-GGUF\n"
+    dl.download(spec(name="tipo-y", file="y.gguf"), quiet=True)
+    assert capsys.readouterr().err == ""
+    assert quiet_hub == [("someone/TIPO-X-GGUF", "tipo-x.Q8_0.gguf"), ("someone/TIPO-X-GGUF", "y.gguf")]
+
+
+def test_an_unknown_size_is_left_out_of_the_announcement(hub, capsys):
+    dl.download(spec())
+    assert capsys.readouterr().err == "downloading tipo-x from someone/TIPO-X-GGUF\n"
+
+
+@pytest.mark.parametrize("failure", [lambda: ConnectionError("[Errno 111] Connection refused"),
+                                     lambda: TimeoutError("timed out")])  # fmt: skip
+def test_an_unreachable_hub_is_asked_twice_then_fails_with_the_offline_hint(hub, monkeypatch, failure):
+    asked = []
+
+    def hub_file_size(repo, file, *, timeout):
+        asked.append(timeout)
+        raise failure()
+
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", hub_file_size)
+    with pytest.raises(DownloadError) as info:
+        dl.download(spec())
+    assert str(info.value).startswith("tipo-x: cannot reach the Hugging Face hub (")
+    assert "HF_HUB_OFFLINE=1" in info.value.hint and "-m PATH" in info.value.hint
+    assert asked == [dl.HUB_TIMEOUT, dl.HUB_TIMEOUT]  # one retry, each attempt short
+    assert hub.calls == []  # huggingface_hub's own long retries never start
+
+
+def test_one_failed_attempt_is_retried(hub, monkeypatch):
+    answers = [ConnectionError("reset"), 123]
+
+    def hub_file_size(repo, file, *, timeout):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", hub_file_size)
+    assert dl.download(spec()).read_bytes() == CONTENT
+
+
+def test_a_refusal_from_the_hub_is_its_own_error_not_unreachable(hub, monkeypatch):
+    def hub_file_size(repo, file, *, timeout):
+        raise _http_error(hub_errors.RepositoryNotFoundError)
+
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", hub_file_size)
+    with pytest.raises(DownloadError, match="repository someone/TIPO-X-GGUF not found on the hub"):
+        dl.download(spec())
+    assert hub.calls == []
+
+
+def test_hub_sizes_are_asked_once_and_remembered(monkeypatch, isolated_home):
+    asked = []
+
+    def hub_file_size(repo, file, *, timeout):
+        asked.append(file)
+        return {"a.gguf": 10, "b.gguf": 20}.get(file)
+
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", hub_file_size)
+    specs = [spec(name="a", file="a.gguf"), spec(name="b", file="b.gguf"), spec(name="c", file="c.gguf")]
+    assert dl.hub_sizes(specs) == {"a": 10, "b": 20}
+    assert sorted(asked) == ["a.gguf", "b.gguf", "c.gguf"]
+    assert json.loads((isolated_home / "hub-sizes.json").read_text()) == {
+        "someone/TIPO-X-GGUF/a.gguf": 10, "someone/TIPO-X-GGUF/b.gguf": 20}
+    asked.clear()
+    assert dl.hub_sizes(specs) == {"a": 10, "b": 20}
+    assert asked == ["c.gguf"]  # only what is still unknown
+    with patch("huggingface_hub.constants.HF_HUB_OFFLINE", True):
+        asked.clear()
+        assert dl.hub_sizes(specs) == {"a": 10, "b": 20}
+        assert asked == []  # offline: what is remembered, no request
+
+
+def test_hub_sizes_of_an_unreachable_hub_are_unknown(monkeypatch):
+    def hub_file_size(repo, file, *, timeout):
+        raise ConnectionError("refused")
+
+    monkeypatch.setattr("kgen_cli.download.hub_file_size", hub_file_size)
+    assert dl.hub_sizes([spec(name=f"m{i}", file=f"{i}.gguf") for i in range(20)]) == {}

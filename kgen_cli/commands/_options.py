@@ -9,6 +9,9 @@ import typer
 
 from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, MIN_CONTEXT_LENGTH, MIN_N_CTX, SEED_MAX, finite_float
 
+RANDOM_SEED = -1  # --seed -1: a random seed, as the ComfyUI/A1111 extensions write it
+HIGH_TEMPERATURE = 2.0  # above this, sampling is close to uniform: the output is mostly noise
+
 GEN = "Generation"
 SAMPLING = "Sampling"
 OUTPUT = "Output"
@@ -57,7 +60,7 @@ ContextLengthOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option("--threads", min=1, rich_help_panel=ENGINE, help="CPU threads, fixed. \\[default: the usable CPUs less other processes' load, at most 8, followed while decoding; see kgen info]"),
+    typer.Option("--threads", "-t", min=1, rich_help_panel=ENGINE, help="CPU threads, fixed (-t as in llama.cpp). \\[default: the usable CPUs less other processes' load, at most 8, followed while decoding; see kgen info]"),
 ]
 NlOpt = Annotated[
     str, typer.Option("--nl", rich_help_panel=GEN, help="Natural-language prompt (TIPO): alone or with tags."),
@@ -97,10 +100,10 @@ EscapeOpt = Annotated[
 ]
 SeedOpt = Annotated[
     Optional[int],
-    typer.Option("--seed", "-s", min=0, max=SEED_MAX, rich_help_panel=SAMPLING,
-                 help="Seed in [0, 4294967294]; same seed, model and version reproduce the output on CPU. \\[default: random, reported with -v and --json]"),
+    typer.Option("--seed", "-s", min=RANDOM_SEED, max=SEED_MAX, rich_help_panel=SAMPLING,
+                 help="Seed in [0, 4294967294], or -1 for a random one; same seed, model and version reproduce the output on CPU. \\[default: random, shown on stderr in a terminal and in --json]"),
 ]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", min=0.0, parser=finite_float, rich_help_panel=SAMPLING, help="Temperature (0 = greedy). \\[default: TIPO 0.35, DTG 0.5]")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "--temp", min=0.0, parser=finite_float, rich_help_panel=SAMPLING, help="Temperature (0 = greedy; above 2 gets a warning). \\[default: TIPO 0.35, DTG 0.5]")]
 TopPOpt = Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=SAMPLING, help="Top-p in (0, 1] (1 = off). \\[default: 0.95]")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, rich_help_panel=SAMPLING, help="Top-k (0 = off). \\[default: TIPO 60, DTG 100]")]
 MinPOpt = Annotated[Optional[float], typer.Option("--min-p", min=0.0, max=1.0, parser=finite_float, rich_help_panel=SAMPLING, help="Min-p (0 = off). \\[default: TIPO 0.1, DTG 0]")]
@@ -114,4 +117,29 @@ SamplerOpt = Annotated[
 ]
 GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", min=1, rich_help_panel=VARIANTS, help="Separators (commas) per token group: TGTS's segments, and the segments independent variants are scored by. \\[default: 4]")]
 ExplorationOpt = Annotated[Optional[float], typer.Option("--exploration", min=0.0, parser=finite_float, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant. \\[default: 1.0]")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Diagnostics on stderr: seed, model, timings, llama.cpp's log.")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="kgen's diagnostics on stderr: model, seed, threads, timings, decode figures; -vv adds llama.cpp's own log.")]
+LlamaLogOpt = Annotated[bool, typer.Option("--llama-log", help="llama.cpp's own log on stderr (as -vv).")]
+
+
+
+def random_seed_if_unset(seed: int | None, *, show: bool = True) -> int:
+    """The run's seed: the one given, else (None or -1) a random one, shown as `seed N` on
+    stderr when it is a terminal (to rerun it) and `show` (False when -v or -q say otherwise)."""
+    from kgen_cli.console import info, stderr_is_tty
+    from kgen_cli.runner import random_seed
+
+    if seed is not None and seed != RANDOM_SEED:
+        return seed
+    seed = random_seed()
+    if stderr_is_tty() and show:
+        info(f"seed {seed}")
+    return seed
+
+
+def warn_high_temperature(temperature: float | None) -> None:
+    """One warning line on stderr for a temperature above 2 (llama.cpp users typed -t 8 for threads)."""
+    from kgen_cli.console import info
+
+    if temperature is not None and temperature > HIGH_TEMPERATURE:
+        info(f"warning: temperature {temperature:g} is above {HIGH_TEMPERATURE:g}: the output will be mostly noise "
+             "(-t is --threads; --temp is the temperature)")

@@ -14,11 +14,19 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.console import err_console, info, require_open, stderr_is_tty
+from kgen_cli.commands._json import SCHEMA_VERSION, batch_input_json
+from kgen_cli.console import examples, info, require_open, status_line
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
 from kgen_cli.stopping import Interrupted, SignalStop
+
+
+EXAMPLES = examples(
+    "kgen batch prompts.txt -o out.txt",
+    "kgen batch prompts.jsonl -o out.jsonl --output-format jsonl --seed 1",
+    "grep -v '^#' prompts.txt | kgen batch - -n 4 --parallel 8",
+)
 
 
 class InputFormat(str, Enum):
@@ -35,7 +43,7 @@ def batch(
     input: Annotated[str, typer.Argument(help="Prompt file, or '-' for stdin: one prompt per line, or JSONL objects.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file ('-' or none: stdout).")] = None,
     input_format: Annotated[Optional[InputFormat], typer.Option("--input-format", help="lines or jsonl (default: jsonl when the first prompt line is a JSON object).")] = None,
-    output_format: Annotated[OutputFormat, typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input).")] = OutputFormat.text,
+    output_format: Annotated[Optional[OutputFormat], typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input, docs/json.md). \\[default: jsonl for -o *.jsonl / *.ndjson, else text]")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=o.MAX_SEQUENCES, help="Sequences decoded concurrently (continuous batching).")] = 16,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs already in -o OUTPUT and append the rest.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing line.")] = False,
@@ -69,7 +77,8 @@ def batch(
     n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=o.MIN_N_CTX, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. Default: parallel x context length, each sequence in its own KV stream; for TGTS -n and short single calls (--retries 0, few tokens), parallel x (max tokens + 256) in one shared buffer; at least 4096, at most 65536.")] = None,
     context_length: o.ContextLengthOpt = None,
     threads: o.ThreadsOpt = None,
-    verbose: o.VerboseOpt = False,
+    verbose: o.VerboseOpt = 0,
+    llama_log: o.LlamaLogOpt = False,
 ) -> None:
     """Expand every prompt of a file or stdin, concurrently; results in input order.
 
@@ -95,7 +104,6 @@ def batch(
     written too, so the file may be out of order; their "index" tells).
     """
     import kgen_cli as kgen
-    from kgen_cli import runner
     from kgen_cli.batchio import OrderedWriter, OutputFile, PipeLines, bounded_lines, count_prompts, read_records, scan_done
     from kgen_cli.registry import registry_spec_only
 
@@ -119,9 +127,11 @@ def batch(
     # The shared options are checked before any model or file is touched.
     options.request("", family=spec.family, quality_line=spec.quality_line)
     VariantOptions.checked(variants, sampler, group_size, exploration)
-    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, verbose).checked()
+    llama_log = llama_log or verbose >= 2
+    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
+    o.warn_high_temperature(temperature)
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
-    fmt = output_format.value
+    fmt = output_format.value if output_format is not None else _format_for(output)
     # Opened and locked now: an unwritable file fails before the model loads, and a second kgen
     # on the same file is refused before --resume reads it.
     sink = None if output is None else OutputFile(str(output), append=resume)
@@ -129,9 +139,9 @@ def batch(
         done = scan_done(str(output), fmt, variants) if resume else set()
         # The family note comes after the checks: an error stays one line.
         gen = kgen.load(spec, family=engine_options.family, gpu_layers=engine_options.gpu_layers, threads=threads,
-                        n_ctx=n_ctx, context_length=context_length, verbose=verbose, defaults=options, lazy=True,
+                        n_ctx=n_ctx, context_length=context_length, verbose=llama_log, defaults=options, lazy=True,
                         progress=True, on_log=(lambda _note: None) if quiet else info)
-    base_seed = runner.random_seed() if seed is None else seed
+    base_seed = o.random_seed_if_unset(seed, show=not verbose and not quiet)  # -v shows it below
     stop = SignalStop(watch_stdout=output is None)  # `| head`: stop once the reader is gone
     with OutputFile.discard_on_error(sink):
         try:
@@ -146,10 +156,10 @@ def batch(
         info(f"model {resolved.name} ({resolved.family}), loaded in {gen.load_seconds:.2f}s; n_ctx {engine.n_ctx}, "
              f"context length {engine.window}, "
              f"{'one shared KV buffer' if engine.kv_unified else 'a KV stream per sequence'}, "
-             f"{parallel} parallel sequences, base seed {base_seed}")
+             f"{parallel} parallel sequences, {engine.model_info.get('n_threads')} threads, base seed {base_seed}")
     out = sys.stdout if sink is None else sink.open()
     writer = OrderedWriter(out, skip=done)
-    state = _BatchState(fmt, writer, variants, fail_fast, timings)
+    state = _BatchState(fmt, writer, variants, fail_fast, timings, nl)
     stats = None
     try:
         regular = _is_regular(stream)
@@ -192,6 +202,11 @@ def batch(
         raise typer.Exit(1)
 
 
+def _format_for(output: Path | None) -> str:
+    """--output-format when not given: JSONL for an output file named *.jsonl or *.ndjson."""
+    return "jsonl" if output is not None and output.suffix.lower() in (".jsonl", ".ndjson") else "text"
+
+
 def _check_output(output: Path, input: str) -> None:
     check_output_file(output, "--output")
     try:  # stdin too: `kgen batch - -o f < f` would empty f before reading it
@@ -226,8 +241,9 @@ class _FailFast(StopRequested):
 class _BatchState:
     """Turns each finished record into output lines (and error messages)."""
 
-    def __init__(self, fmt: str, writer, variants: int, fail_fast: bool, timings: bool):
+    def __init__(self, fmt: str, writer, variants: int, fail_fast: bool, timings: bool, nl: str = ""):
         self.fmt = fmt
+        self.nl = nl  # --nl: a line's default
         self.writer = writer
         self.variants = variants
         self.fail_fast = fail_fast
@@ -242,7 +258,8 @@ class _BatchState:
             self.failed += 1
             message = f"line {rec.line}: {error}"
             if self.fmt == "jsonl":
-                body = {"index": rec.index, "id": rec.key, "line": rec.line, "input": rec.fields, "error": str(error)}
+                body = {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
+                        "input": batch_input_json(rec.fields, self.nl), "error": str(error)}  # fmt: skip
                 self.writer.add(rec.index, [json.dumps(body, ensure_ascii=False)])
             else:
                 # One line per input keeps output line i with input prompt i (and --resume exact).
@@ -265,7 +282,8 @@ class _BatchState:
         variants = result["variants"]
         if self.fmt == "text":
             return [one_line(v.formatted) for v in variants]
-        body = {"index": rec.index, "id": rec.key, "line": rec.line, "input": rec.fields, "seed": result["seed"]}
+        body = {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
+                "input": batch_input_json(rec.fields, self.nl), "seed": result["seed"]}  # fmt: skip
         if result["n"] == 1:
             body.update(variants[0].to_dict())
         else:
@@ -283,24 +301,35 @@ class _BatchState:
 
 @contextmanager
 def _progress(quiet: bool, total: int | None):
-    """Progress on stderr (done/total, prompts/s, tokens/s, ETA) only when stderr is a terminal."""
-    if quiet or not stderr_is_tty():
-        yield lambda _result: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    started = time.perf_counter()
-    counts = {"done": 0, "tokens": 0}
-    with Progress(TextColumn("expanding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task("batch", total=total, rate="")
+    """Progress on stderr (done/total, prompts/s, tokens/s, time left) only when stderr is a
+    terminal: one line that results and messages print above (`console.StatusLine`)."""
+    with status_line(enabled=not quiet) as line:
+        if line is None:
+            yield lambda _result: None
+            return
+        started = time.perf_counter()
+        counts = {"done": 0, "tokens": 0}
+        line.show(_progress_text(0, total, 0, 0.0))
 
         def advance(result) -> None:
             counts["done"] += 1
             if result is not None:
                 counts["tokens"] += result.get("tokens", 0)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=1,
-                       rate=f"{counts['done'] / elapsed:.2f} prompts/s, {counts['tokens'] / elapsed:.0f} tok/s")
+            line.show(_progress_text(counts["done"], total, counts["tokens"], time.perf_counter() - started))
 
         yield advance
+
+
+def _progress_text(done: int, total: int | None, tokens: int, elapsed: float) -> str:
+    """`expanding [#####-----] 3/6  0.90 prompts/s, 22 tok/s, 0:00:03 left`."""
+    parts = ["expanding"]
+    if total:
+        filled = min(20, round(20 * done / total))
+        parts.append("[" + "#" * filled + "-" * (20 - filled) + "]")
+    parts.append(f"{done}/{total}" if total is not None else str(done))
+    if done and elapsed > 0:
+        parts.append(f"{done / elapsed:.2f} prompts/s, {tokens / elapsed:.0f} tok/s")
+        if total:
+            left = int(max(total - done, 0) * elapsed / done)
+            parts[-1] += f", {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d} left"
+    return " ".join(parts)

@@ -11,11 +11,18 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.console import info, require_open, stdout_is_tty, write_result
+from kgen_cli.commands._json import SCHEMA_VERSION, input_json
+from kgen_cli.console import examples, info, plain_output, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
 from kgen_cli.samplers import sampler_named
+
+EXAMPLES = examples(
+    'kgen expand "1girl, dragon horns"',
+    'kgen expand "1girl, scenery" --nl "A girl on a hill." -n 4 --seed 1',
+    'kgen expand "1girl, solo" -m ./my-model.gguf --family dtg --json',
+)
 
 PromptArg = Annotated[
     Optional[str],
@@ -23,8 +30,14 @@ PromptArg = Annotated[
 ]
 
 
-def read_prompt(prompt: str | None) -> str:
-    """The argument wins; stdin is read only for '-' or when no argument is given and it is piped."""
+def read_prompt(prompt: str | None, *, nl: str = "") -> str:
+    """The argument wins; stdin is read only for '-' or when no argument is given and it is piped.
+    Piped lines are joined into one prompt (tags may span lines), with a note on stderr pointing
+    to `kgen batch` when there are several. No prompt, no --nl and a terminal on stdin is a
+    usage error: kgen never waits on a terminal, nor runs an empty prompt by accident."""
+    if prompt is None and not nl and sys.stdin.isatty():
+        raise UsageError("no prompt: give the tags as an argument, or pipe them on stdin",
+                         hint='kgen expand "1girl, dragon horns"')  # fmt: skip
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         from kgen_cli.batchio import MAX_PROMPT_BYTES, line_too_long
 
@@ -39,6 +52,8 @@ def read_prompt(prompt: str | None) -> str:
             raise UsageError("stdin is not valid UTF-8") from None
         if "\x00" in text:
             raise UsageError("stdin contains NUL bytes (a UTF-16 file? kgen reads UTF-8)")
+        if (lines := sum(1 for line in text.splitlines() if line.strip())) > 1:
+            info(f"note: the {lines} lines on stdin are one prompt; `kgen batch -` expands one prompt per line")
         return text
     return prompt or ""
 
@@ -77,7 +92,8 @@ def expand(
     show_prompt: Annotated[bool, typer.Option("--show-prompt", rich_help_panel=o.OUTPUT, help="Print the exact text of the first model call and exit (no model needed); with --json, an object with it and the parsed input.")] = False,
     json_: Annotated[bool, typer.Option("--json", rich_help_panel=o.OUTPUT, help="Print one JSON object with everything: input, model, seeds, sampling, every call's prompt and raw output, timings.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", rich_help_panel=o.OUTPUT, help="Stream the generated text live when stdout is a terminal.")] = True,
-    verbose: o.VerboseOpt = False,
+    verbose: o.VerboseOpt = 0,
+    llama_log: o.LlamaLogOpt = False,
 ) -> None:
     """Expand one prompt into a richer one with a TIPO or DanTagGen model.
 
@@ -88,7 +104,7 @@ def expand(
     from kgen_cli.registry import family_note, registry_spec_only
 
     require_open("stdout")  # before the model: every result goes there
-    text = read_prompt(prompt)
+    text = read_prompt(prompt, nl=nl)
     spec_model = registry_spec_only(model, family.value if family else None)
     options = kgen.GenerationOptions(
         nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
@@ -97,16 +113,18 @@ def expand(
         max_tokens=max_tokens,
     )
     request = options.request(text, family=spec_model.family, quality_line=spec_model.quality_line)
-    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, verbose).checked()
+    llama_log = llama_log or verbose >= 2
+    engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
+    o.warn_high_temperature(temperature)
     note = family_note(spec_model)  # shown once the input is checked: an error stays one line
     if show_prompt:
         if note:
             info(note)
         first = pipeline.first_prompt(request)
         if json_:  # the exact text, unambiguous (trailing spaces and newlines included)
-            write_result(json.dumps({"input": {"raw": text, "nl": request.nl, "parsed": _parsed_input(request)},
-                                     "family": request.family, "operation": request.operation, "prompt": first},
-                                    ensure_ascii=False))  # fmt: skip
+            write_result(json.dumps({"schema_version": SCHEMA_VERSION, "input": input_json(text, request.nl),
+                                     "parsed": _parsed_input(request), "family": request.family,
+                                     "operation": request.operation, "prompt": first}, ensure_ascii=False))  # fmt: skip
         else:
             write_result(first)
         return
@@ -119,10 +137,10 @@ def expand(
         check_output_file(tree_out, "--tree-out")
 
     gen = kgen.load(spec_model, family=engine_options.family, gpu_layers=engine_options.gpu_layers,
-                    threads=threads, n_ctx=n_ctx, context_length=context_length, verbose=verbose,
+                    threads=threads, n_ctx=n_ctx, context_length=context_length, verbose=llama_log,
                     defaults=options, lazy=True, progress=True, on_log=info)
     resolved = gen.model
-    seed = runner.random_seed() if seed is None else seed
+    seed = o.random_seed_if_unset(seed, show=not verbose)  # -v shows it below
     if verbose:
         where = "" if resolved.name == str(resolved.path) else f" {resolved.path}"
         info(f"model {resolved.name} ({resolved.family}){where}")
@@ -131,6 +149,9 @@ def expand(
         engine = gen.reserve(sequences=1 if variants == 1 else variants + 1,
                                  max_tokens=request.params.max_tokens)  # + the prompt anchor
         load_seconds = gen.load_seconds
+        if verbose:
+            info(f"threads {getattr(engine, 'model_info', {}).get('n_threads')}, n_ctx {engine.n_ctx}, "
+                 f"loaded in {load_seconds:.2f}s")
         started = time.perf_counter()
         if variants == 1:
             on_text = _TerminalStream() if (stream and stdout_is_tty() and not json_) else None
@@ -197,17 +218,20 @@ _CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]
 
 
 class _TerminalStream:
-    """Generated text, dimmed, live on the terminal (stdout is one when this is used)."""
+    """Generated text, dimmed, live on the terminal (stdout is one when this is used); plain
+    under NO_COLOR or TERM=dumb."""
 
     def __init__(self) -> None:
         self.at_line_start = True
+        self.dim = not plain_output()
 
     def __call__(self, text: str) -> None:
         text = text.translate(_CONTROLS)
         if not text:
             return
-        # Dim each line's text; the newlines themselves stay outside the escape sequences.
-        sys.stdout.write("\n".join(f"\x1b[2m{line}\x1b[0m" if line else "" for line in text.split("\n")))
+        if self.dim:  # each line's text; the newlines themselves stay outside the escape sequences
+            text = "\n".join(f"\x1b[2m{line}\x1b[0m" if line else "" for line in text.split("\n"))
+        sys.stdout.write(text)
         sys.stdout.flush()
         self.at_line_start = text.endswith("\n")
 
@@ -220,7 +244,9 @@ class _TerminalStream:
 
 def _common_json(text, request, resolved, engine, seed, load_seconds) -> dict:
     return {
-        "input": {"raw": text, "nl": request.nl, "parsed": _parsed_input(request)},
+        "schema_version": SCHEMA_VERSION,
+        "input": input_json(text, request.nl),
+        "parsed": _parsed_input(request),
         "model": {"name": resolved.name, "path": str(resolved.path), "sha256": resolved.spec.sha256 if resolved.spec else None,
                   "family": resolved.family, "quality_line": request.quality_line},
         "family": request.family,

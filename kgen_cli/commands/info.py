@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from kgen_cli import __version__
-from kgen_cli.console import write_result
+from kgen_cli.console import examples, write_result
+
+EXAMPLES = examples("kgen info", "kgen info --json")
 
 
 def collect() -> dict:
@@ -18,11 +20,15 @@ def collect() -> dict:
     from kgen_cli.paths import kgen_home
 
     registry_ = registry.load_registry()
-    present = {}
+    present, unverified, corrupt = {}, [], {}
     for spec in registry_.models.values():
-        path = download.local_path(spec, verify=False)
-        if path is not None and download.size_mismatch(spec, path) is None:
+        status, path, problem = download.disk_status(spec)  # the words and checks of `models list`
+        if status in ("yes", "unverified"):
             present[spec.name] = str(path)
+            if status == "unverified":
+                unverified.append(spec.name)
+        elif status == "corrupt":
+            corrupt[spec.name] = problem
     try:
         from huggingface_hub import constants as hf_constants
 
@@ -30,6 +36,8 @@ def collect() -> dict:
         offline = bool(hf_constants.HF_HUB_OFFLINE)
     except ImportError:  # pragma: no cover - a dependency
         hf_cache, offline = os.environ.get("HF_HUB_CACHE", ""), False
+    from kgen_cli.config import config_path, read_config
+
     return {
         "kgen": __version__,
         "llama_cpp": engine.llama_version(),
@@ -42,6 +50,9 @@ def collect() -> dict:
         "hf_offline": offline,
         "default_model": registry_.default,
         "models_present": present,
+        "models_unverified": unverified,
+        "models_corrupt": corrupt,
+        "config": {"path": str(config_path()), "values": read_config()},  # validated before any command runs
     }
 
 
@@ -89,6 +100,16 @@ def info(
         f"kgen home       {data['kgen_home']}",
         f"HF cache        {data['hf_cache']}" + ("  (offline)" if data["hf_offline"] else ""),
         f"default model   {data['default_model']}",
-        "models present  " + (", ".join(sorted(data["models_present"])) or "none (kgen models download NAME)"),
+        "models present  " + (", ".join(f"{name} (unverified)" if name in data["models_unverified"] else name
+                                        for name in sorted(data["models_present"]))
+                              or "none (kgen models download NAME)"),
     ]
+    values = data["config"]["values"]
+    options = "; ".join(f"{command}: {', '.join(f'{k}={v}' for k, v in (opts or {}).items())}"
+                        for command, opts in (values or {}).items())
+    lines.append(f"config          {data['config']['path']}" + (f" ({options})" if options else " (none)"
+                                                                if values is None else " (empty)"))
+    if data["models_corrupt"]:
+        lines.append("models corrupt  " + ", ".join(sorted(data["models_corrupt"]))
+                     + " (kgen models download NAME --force)")
     write_result("\n".join(lines))
