@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kgen_cli import families
 from kgen_cli.errors import ModelNotFoundError, RegistryError, UsageError
 from kgen_cli.paths import kgen_home
 from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
 
-FAMILIES = ("tipo", "dtg")
 REGISTRY_FILE = "models.yaml"
 # The largest user models.yaml read (the packaged one, ~40 entries, is ~10 KB).
 MAX_REGISTRY_BYTES = 1 << 20
@@ -334,8 +334,8 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
     name, family, repo, file, quant = (raw[k] for k in ("name", "family", "repo", "file", "quant"))
     if not _NAME_RE.fullmatch(name):
         raise fail("'name' must be lower-case letters, digits, '.', '_' or '-' (starting with a letter or digit)")
-    if family not in FAMILIES:
-        raise fail(f"'family' must be one of {', '.join(FAMILIES)}, not '{family}'")
+    if family not in families.names():
+        raise fail(f"'family' must be one of {', '.join(families.names())}, not '{family}'")
     if not _REPO_RE.fullmatch(repo):
         raise fail(f"'repo' must look like owner/name, not '{repo}'")
     if not file.lower().endswith(".gguf"):
@@ -354,7 +354,7 @@ def _parse_entry(where: str, index: int, raw: object) -> ModelSpec:
         if not _SHA256_RE.fullmatch(sha256):
             raise fail("'sha256' must be 64 hexadecimal digits")
     quality_line = raw.get("quality_line", False)
-    if quality_line and family != "dtg":
+    if quality_line and not families.get(family).quality_line:
         raise fail("'quality_line' applies to dtg models only")
 
     return ModelSpec(
@@ -407,17 +407,13 @@ def registry_spec_only(model: str | None, family: str | None) -> ResolvedModel:
     spec = registry.default_spec if model is None else registry.get(model.strip())
     chosen = family or spec.family
     return ResolvedModel(name=spec.name, path=None, family=chosen, spec=spec,
-                         quality_line=spec.quality_line and chosen == "dtg")
+                         quality_line=spec.quality_line and families.get(chosen).quality_line)
 
 
 def guess_family(path: Path) -> str | None:
-    """tipo/dtg from a file name, as the peers name their files; None when it says neither."""
-    lowered = path.name.lower()
-    if "dtg" in lowered or "dantaggen" in lowered:
-        return "dtg"
-    if "tipo" in lowered:
-        return "tipo"
-    return None
+    """The family a file name says (tipo, dtg, ...), as the peers name their files; None when it
+    says none."""
+    return families.guess(path.name)
 
 
 def looks_like_path(model: str) -> bool:
@@ -429,8 +425,8 @@ def check_family(family: str | None) -> str | None:
     if family is None:
         return None
     lowered = family.strip().lower()
-    if lowered not in FAMILIES:
-        raise UsageError(f"unknown family '{family}'", hint=f"use --family {' or --family '.join(FAMILIES)}")
+    if lowered not in families.names():
+        raise UsageError(f"unknown family '{family}'", hint=f"use --family {' or --family '.join(families.names())}")
     return lowered
 
 
@@ -449,9 +445,10 @@ def _resolve_path(model: str, family: str | None) -> ResolvedModel:
     chosen = family or guess_family(path)
     # A renamed or fine-tuned file: TIPO, kgen's default family, rather than a usage error.
     assumed = chosen is None
-    chosen = chosen or "tipo"
+    chosen = chosen or families.DEFAULT_FAMILY
     # The peers name DTG files <repo>_<file>: only the delta models have the quality line.
-    quality_line = chosen == "dtg" and "delta" in path.name.lower()
+    rule = families.get(chosen).quality_line_file
+    quality_line = rule is not None and rule(path.name)
     return ResolvedModel(name=str(path), path=path, family=chosen, spec=None, quality_line=quality_line,
                          family_assumed=assumed)
 

@@ -93,8 +93,6 @@ FAMILY_DEFAULTS: dict[str, SamplingParams] = {
     "dtg": SamplingParams(temperature=0.5, top_p=0.95, top_k=100, min_p=0.0, repeat_penalty=1.0, max_tokens=256),
 }
 
-# Tree samplers (PEERS.md §6.1): temperature 1, min_p 0.1, top_p/top_k off.
-TREE_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.1, repeat_penalty=1.0, max_tokens=512)
 
 
 # A call that may be skipped (a retry, a later operation) is made only if its prompt leaves room

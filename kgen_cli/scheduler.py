@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Hashable, Iterable, Iterator
 
-from kgen_cli.errors import EngineError, KgenError
+from kgen_cli.errors import EngineError, KgenError, UsageError
 from kgen_cli.sampling import Completion, CompletionRequest
 
 Job = Generator[CompletionRequest, Completion, Any]
@@ -222,6 +222,10 @@ class Scheduler:
             except KgenError as exc:
                 job.close()
                 on_result(key, None, exc)
+                return None
+            if not prompt:  # nothing to continue (a model with no BOS and an empty prompt)
+                job.close()
+                on_result(key, None, UsageError("the prompt is empty: there is nothing to continue"))
                 return None
             room = self.window - len(prompt)
             if request.may_skip and room < request.room_needed():
