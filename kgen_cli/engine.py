@@ -43,7 +43,7 @@ from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, SamplingParams, validate
 
 # The decoder protocol's value types live with the tree sampler (pure Python); the engine is its
 # llama.cpp implementation and raises / returns exactly these.
-from kgen_cli.tree import BranchPoolExhausted, Sampled
+from kgen_cli.decoding import BranchPoolExhausted, Sampled
 
 __all__ = [
     "BranchDecoder", "BranchPoolExhausted", "DecodeCounters", "Engine",
@@ -1033,7 +1033,7 @@ class Engine:
 
 class BranchDecoder:
     """Many KV sequences in one Engine's context, with ids from a bounded pool 0..n_seq_max-1:
-    the llama.cpp implementation of the `kgen_cli.tree.BranchDecoder` protocol. One per Engine
+    the llama.cpp implementation of the `kgen_cli.decoding.BranchDecoder` protocol. One per Engine
     (`Engine.branches()`); `scheduler.Scheduler` and the samplers of `tree` drive it.
 
     Every method validates ids, lengths and batch indices in Python first, because the matching

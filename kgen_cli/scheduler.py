@@ -19,7 +19,7 @@ peers load TIPO/DTG with n_ctx=1024): its new tokens are capped to fit, a first 
 not fit is the job's error, and a `may_skip` request that leaves less than `room_needed()` is
 answered with `Completion.no_room` without a model call.
 
-Pure Python over the `tree.BranchDecoder` protocol, so it is tested with a fake decoder.
+Pure Python over the `decoding.BranchDecoder` protocol, so it is tested with a fake decoder.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Hashable, Iterable, Iterator
 
 from kgen_cli.errors import EngineError, KgenError, UsageError
-from kgen_cli.sampling import Completion, CompletionRequest
+from kgen_cli.sampling import Completion, CompletionRequest, validate_params
 
 Job = Generator[CompletionRequest, Completion, Any]
 Tokenize = Callable[[str], list[int]]
@@ -218,6 +218,7 @@ class Scheduler:
                 return None
             start = False
             try:
+                validate_params(request.params, request.seed)  # a bad request fails its job only
                 prompt = self.tokenize(request.prompt)
             except KgenError as exc:
                 job.close()
@@ -301,7 +302,11 @@ class Scheduler:
     def _start(self, call: _Call, seq: int, feed: list[int], feeds: dict[int, list[int]], admitted: set[int]) -> None:
         """The call goes live on `seq`, which holds its prompt but for `feed` (decoded this step)."""
         call.started = time.perf_counter()
-        call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
+        try:
+            call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
+        except BaseException:
+            self.decoder.free(seq)  # not live yet: the release after an error would not see it
+            raise
         call.seq = seq
         feeds[seq] = list(feed)
         self._live[seq] = call

@@ -32,7 +32,7 @@ import random
 from dataclasses import dataclass
 
 from kgen_cli.sampling import SamplingParams
-from kgen_cli.tree import BranchPoolExhausted, Sampled
+from kgen_cli.decoding import BranchPoolExhausted, Sampled
 
 # The tree samplers' sampling in the reference (PEERS.md §6.1): temperature 1, min_p 0.1,
 # top_p/top_k off. Tests and benchmarks of the samplers use it.
