@@ -4,7 +4,7 @@
 cheap and `kgen --help` never loads libllama. Everything that could make llama.cpp *abort the
 process* (an out-of-range sequence id in `llama_memory_seq_cp`, sampling a batch row that has no
 logits, `n_seq_max > 256`, a malformed GGUF) is validated here in Python first; see
-shared/reference/LLAMA_CPP.md §6.1.
+docs/design.md#llama-cpp-traps.
 
 Layout:
   1. GGUF header check (pure Python, no llama_cpp needed)
@@ -750,7 +750,7 @@ class Sampler:
 
 def _set_fields(struct: Any, **values: Any) -> Any:
     """Set ctypes struct fields by name, refusing names the struct does not have (assigning one
-    would silently create a Python attribute that C never sees; LLAMA_CPP.md §10)."""
+    would silently create a Python attribute that C never sees; docs/design.md#llama-cpp-traps)."""
     known = {f[0] for f in type(struct)._fields_}
     for name, value in values.items():
         if name not in known:
@@ -860,7 +860,7 @@ class Engine:
                     n_batch=want,  # one step never needs Python chunking; llama_decode splits into ubatches
                     n_ubatch=min(512, want),
                     n_seq_max=n_seq_max,
-                    kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
+                    kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (docs/design.md#kv-budget)
                     n_threads=threads,
                     n_threads_batch=threads,
                     no_perf=True,  # llama.cpp's token counters still run; only its timers are off
@@ -1037,7 +1037,7 @@ class BranchDecoder:
     (`Engine.branches()`); `scheduler.Scheduler` and the samplers of `tree` drive it.
 
     Every method validates ids, lengths and batch indices in Python first, because the matching
-    llama.cpp mistakes abort the process (LLAMA_CPP.md §6.1). Logits live only until the next
+    llama.cpp mistakes abort the process (docs/design.md#llama-cpp-traps). Logits live only until the next
     `step`: `sample` works on a sequence whose last fed token got its row in the latest step (or a
     fork taken at such a sequence's tip)."""
 

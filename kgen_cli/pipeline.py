@@ -10,7 +10,7 @@ model) and categorised; the NL loses its weights (`syntax.parse_nl`). TIPO runs 
 (or the one requested operation), DTG its single retried call. The final tag map is rendered with
 the template, then weights, BREAK and extra networks are put back (`syntax.restore`).
 
-Seeds (FORMATS.md §13). `seed` is reduced into [0, 2**32 - 2]; every derived seed goes through
+Seeds (docs/design.md#sampling-defaults). `seed` is reduced into [0, 2**32 - 2]; every derived seed goes through
 `derive_seed`, so it stays there too (0xFFFFFFFF would make llama.cpp pick a random seed):
 
 - TIPO: attempt `a` (0 = first call) of planned operation `i` (0-based) uses
@@ -22,7 +22,7 @@ Seeds (FORMATS.md §13). `seed` is reduced into [0, 2**32 - 2]; every derived se
 
 Same request, same seed and same model outputs give the identical result.
 
-Retries (FORMATS.md §9). TIPO: an operation re-runs up to `retries` times (default 10) until its
+Retries (docs/design.md#tipo, #dtg). TIPO: an operation re-runs up to `retries` times (default 10) until its
 target passes, each attempt extending the previous result; 5 raw outputs in a row that repeat an
 earlier one of the operation stop it. DTG: `retries` (default 20) is a budget used by each
 changed output; an output with the same new-tag set as the previous one costs nothing, and 15 of
@@ -34,7 +34,7 @@ for the registry models, as the peers load them), the call is not made. The oper
 keeps its last result, like a retry loop that ran out; a later operation is still tried (its
 prompt may be shorter). `ExpandResult.skipped_calls` lists what was not made.
 
-Between TIPO operations (§4.3) the next one starts from the previous result's tags and NL; meta
+Between TIPO operations (docs/design.md#tipo) the next one starts from the previous result's tags and NL; meta
 lines always come from the user's input, but tags a model put in other categories (a character,
 a quality tag) are carried to the final result.
 
@@ -58,7 +58,7 @@ from kgen_cli.formats.tags import FIELDS, categorize
 from kgen_cli.formats.templates import DEFAULT_FORMAT, apply_format, resolve_format, wants_extra_nl
 from kgen_cli.sampling import SEED_MODULUS, Completion, CompletionRequest, SamplingParams, derive_seed
 
-# Raw outputs in a row that repeat an earlier one after which a retry loop stops (§9).
+# Raw outputs in a row that repeat an earlier one after which a retry loop stops.
 TIPO_MAX_SAME_OUTPUT = 5
 DTG_MAX_SAME_OUTPUT = 15
 OPERATION_SEED_STRIDE = 1000
@@ -84,7 +84,7 @@ class ExpandRequest:
     family: str = "tipo"  # a registered family (`families.py`)
     tag_length: str = "long"
     nl_length: str = "long"
-    operation: str | None = None  # None: the automatic plan; else one TIPO operation (§4.1)
+    operation: str | None = None  # None: the automatic plan; else one TIPO operation
     aspect_ratio: float = 1.0
     template: str = field(default_factory=_default_template)
     bans: BanList = field(default_factory=_no_bans)
@@ -94,7 +94,7 @@ class ExpandRequest:
     escape_parens: bool = False
     extra_quality: tuple[str, ...] = ()
     extra_special: tuple[str, ...] = ()
-    # The automatic TIPO plan's switches (§4.2).
+    # The automatic TIPO plan's switches.
     expand_tags: bool = True
     expand_prompt: bool = True
     tag_first: bool = True
@@ -322,7 +322,7 @@ def validate_dtg(request: ExpandRequest) -> None:
 
 def run_tipo(ctx: JobContext):
     """TIPO's part of the job: every planned operation; the next one starts from the previous
-    result (§4.3). Returns (tag map, new tags, the operations that ran)."""
+    result. Returns (tag map, new tags, the operations that ran)."""
     state = {category: list(ctx.user_map[category]) for category in FIELDS}
     has_tags = bool(state["special"] or state["general"])
     ops = plan_operations(ctx.request, has_tags, bool(ctx.nl))
@@ -334,7 +334,7 @@ def run_tipo(ctx: JobContext):
             continue  # its first call had no room: the state stays as it was
         result = done
         state = {category: result[category] for category in FIELDS}
-        # §4.3: renaming `generated` to `extended` before picking leaves this same choice.
+        # Renaming `generated` to `extended` before picking (as the reference does) leaves this same choice.
         nl = result["generated"] or result["extended"] or nl
     if result is None:
         # No model call: the user's prompt, with the NL as post-processing would leave it.
@@ -345,7 +345,7 @@ def run_tipo(ctx: JobContext):
 
 
 def _run_operation(ctx: JobContext, op: tipo.Operation, index: int, state: dict, nl: str):
-    """One TIPO operation with its retries (§9.1, K3 fixed): each retry extends the last result."""
+    """One TIPO operation with its retries (K3 fixed, docs/deviations.md): each retry extends the last result."""
     request = ctx.request
     user_nl = nl
     op_seed = derive_seed(ctx.seed, OPERATION_SEED_STRIDE * index)
@@ -376,7 +376,7 @@ def _run_operation(ctx: JobContext, op: tipo.Operation, index: int, state: dict,
 
 
 def run_dtg(ctx: JobContext):
-    """DTG's part of the job: its call with the retries (§9.2). Returns (final tag map, new
+    """DTG's part of the job: its call with the retries. Returns (final tag map, new
     tags, no operations)."""
     request = ctx.request
     level = request.tag_length
@@ -415,7 +415,7 @@ def _render(ctx: JobContext, tag_map: dict) -> str:
     """The template applied, then the user's weights, BREAK and extra networks restored."""
     escape_parens = ctx.request.escape_parens
     values = dict(tag_map)
-    # Undocumented placeholders of the reference (§10.1).
+    # Undocumented placeholders of the reference (docs/design.md#templates).
     values["tag"] = tag_map["special"] + tag_map["general"]
     values["aspect_ratio"] = [tipo.format_ratio(ctx.request.aspect_ratio)]
     nl_texts = []
