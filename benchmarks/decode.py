@@ -3,7 +3,7 @@
   raw     the llama.cpp low-level loop with as little Python as possible (the ceiling): prompt
           decoded once on seq 0, llama_memory_seq_cp to the others, one C sampler chain per
           sequence, one llama_decode per step; it ignores EOG and always makes --tokens tokens
-  engine  kgen's Engine.complete (n = 1) / Engine.complete_many (n > 1)
+  engine  kgen's step loop (scheduler.Scheduler) on an Engine, n one-call jobs
   facade  llama-cpp-python's Llama.create_completion, the peers' path; it has one sequence only,
           so for n > 1 it runs completions one after another (at most 2: it is a rate)
 
@@ -28,8 +28,9 @@ from pathlib import Path
 
 from bench_common import default_model, peer_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
+from engine_calls import complete, complete_many  # noqa: E402
 from kgen_cli import engine as kengine  # noqa: E402
 from kgen_cli.engine import Engine  # noqa: E402
 from kgen_cli.sampling import CompletionRequest, SamplingParams  # noqa: E402
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Warm-up: the first decodes page in the mmapped weights and build the compute graphs.
     raw.run(prompt, 1, 8)
-    engine.complete(CompletionRequest(PROMPT, 0, params(8)))
+    complete(engine, CompletionRequest(PROMPT, 0, params(8)))
     facade_run(llm, 1, 8)
 
     cols = ("raw tok/s", "engine tok/s", "facade tok/s", "engine/raw", "engine/facade")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         reqs = [CompletionRequest(PROMPT, seed, params(args.tokens)) for seed in range(n)]
 
         def run_engine() -> int:
-            outs = [engine.complete(reqs[0])] if n == 1 else engine.complete_many(reqs)
+            outs = [complete(engine, reqs[0])] if n == 1 else complete_many(engine, reqs)
             return sum(c.n_tokens for c in outs)
 
         n_fac = min(n, 2)

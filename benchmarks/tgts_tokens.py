@@ -39,9 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fake_decoder import FakeDecoder, FakeModel, make_prompt  # noqa: E402
+from fake_decoder import TREE_DEFAULTS, FakeDecoder, FakeModel, make_prompt  # noqa: E402
 
-from kgen_cli.sampling import TREE_DEFAULTS  # noqa: E402
 from kgen_cli.tree import independent_sample, tgts_sample  # noqa: E402
 
 NS = (4, 8, 16, 32, 64, 128, 256)

@@ -51,7 +51,8 @@ def load(
 
     `model`: a registry name (`kgen models list`; None: the registry's default), NAME@QTYPE, or a
     path to a local .gguf. It is resolved once; a registry model not on disk is downloaded when
-    `download` (else ModelNotFoundError), with the hub's progress bars on stderr when `progress`. `family`: "tipo" or "dtg" (None: the registry's, or
+    `download` (else ModelNotFoundError), with the hub's progress bars on stderr when `progress`.
+    `family`: "tipo", "dtg" or another registered family (`families.py`; None: the registry's, or
     guessed from the file name). `gpu_layers`: N, "all" or "auto" (all when llama.cpp has GPU
     offload). `n_ctx`: KV cells shared by all sequences (None: sized for the calls);
     `context_length`: the most tokens one model call spans (None: the registry's, 1024 for a

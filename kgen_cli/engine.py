@@ -4,7 +4,7 @@
 cheap and `kgen --help` never loads libllama. Everything that could make llama.cpp *abort the
 process* (an out-of-range sequence id in `llama_memory_seq_cp`, sampling a batch row that has no
 logits, `n_seq_max > 256`, a malformed GGUF) is validated here in Python first; see
-shared/reference/LLAMA_CPP.md §6.1.
+docs/design.md#llama-cpp-traps.
 
 Layout:
   1. GGUF header check (pure Python, no llama_cpp needed)
@@ -13,13 +13,12 @@ Layout:
   3. `kgen info` helpers and `quantize_model`
   4. sampler chains
   5. `Engine`: owns the model, the context and the batch
-  6. `BranchDecoder`: many KV sequences in the Engine's context (fork / free / step / sample)
-  7. `_run_batched`: the one generation loop behind `complete` and `complete_many`
+  6. `BranchDecoder`: many KV sequences in the Engine's context (fork / free / step / sample);
+     the one generation loop that drives it is `scheduler.Scheduler`
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import ctypes
 import importlib
@@ -31,24 +30,23 @@ import signal
 import struct
 import sys
 import threading
-import time
 import types
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kgen_cli import threads as _threads
 from kgen_cli.errors import EngineError, UsageError
 from kgen_cli.quant import QUANT_TYPES
-from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, Completion, CompletionRequest, SamplingParams, validate_params
+from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, SamplingParams, validate_params
 
 # The decoder protocol's value types live with the tree sampler (pure Python); the engine is its
 # llama.cpp implementation and raises / returns exactly these.
-from kgen_cli.tree import BranchPoolExhausted, Sampled
+from kgen_cli.decoding import BranchPoolExhausted, Sampled
 
 __all__ = [
-    "BranchDecoder", "BranchPoolExhausted", "Completion", "CompletionRequest", "DecodeCounters", "Engine",
+    "BranchDecoder", "BranchPoolExhausted", "DecodeCounters", "Engine",
     "QUANT_TYPES", "Sampled", "Sampler", "bindings_version", "check_gguf", "devices", "gguf_metadata",
     "gpu_offload_supported", "llama_version", "quantize_model", "sampler_chain", "system_info",
 ]  # fmt: skip
@@ -752,7 +750,7 @@ class Sampler:
 
 def _set_fields(struct: Any, **values: Any) -> Any:
     """Set ctypes struct fields by name, refusing names the struct does not have (assigning one
-    would silently create a Python attribute that C never sees; LLAMA_CPP.md §10)."""
+    would silently create a Python attribute that C never sees; docs/design.md#llama-cpp-traps)."""
     known = {f[0] for f in type(struct)._fields_}
     for name, value in values.items():
         if name not in known:
@@ -784,7 +782,6 @@ class DecodeCounters:
 
     decode_calls: int = 0
     tokens: int = 0
-    shared_prompt_tokens: int = 0  # prompt tokens complete_many did not decode, thanks to sharing
 
 
 class Engine:
@@ -863,7 +860,7 @@ class Engine:
                     n_batch=want,  # one step never needs Python chunking; llama_decode splits into ubatches
                     n_ubatch=min(512, want),
                     n_seq_max=n_seq_max,
-                    kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (LLAMA_CPP.md §4, §6)
+                    kv_unified=bool(kv_unified),  # forks share prompt cells; partial seq_cp needs it (docs/design.md#kv-budget)
                     n_threads=threads,
                     n_threads_batch=threads,
                     no_perf=True,  # llama.cpp's token counters still run; only its timers are off
@@ -1022,46 +1019,11 @@ class Engine:
     def branches(self) -> BranchDecoder:
         """The context's BranchDecoder. There is one per engine (its KV sequences all live in the
         one context): created on first use, returned again by later calls, made afresh after its
-        `close()`. `complete` and `complete_many` run on it too, using ids from its pool."""
+        `close()`."""
         self._check_open()
         if self._branches is None:
             self._branches = BranchDecoder(self)
         return self._branches
-
-    # -- completion -------------------------------------------------------------------------
-
-    def complete(self, req: CompletionRequest, *, on_text: Callable[[str], None] | None = None) -> Completion:
-        """Continue one prompt; stream the decoded text through `on_text` as it is generated."""
-        return self._generate([req], on_text)[0]
-
-    def complete_many(self, reqs: list[CompletionRequest]) -> list[Completion]:
-        """Decode every request concurrently in this context (one llama_decode per step); identical
-        prompts are decoded once and shared. More requests than `n_seq_max` wait for a free slot.
-        Results come back in input order.
-
-        Numerics: results are deterministic for the same request list and n_seq_max. They equal
-        `complete()` of each request as long as no sequence's cells are freed while others still
-        run (all requests fit in the slots and finish in the same step). Once a finished
-        sequence's cells are reused, a newer token can sit in a lower KV cell than older ones; the
-        attention then sums in another order, and on a quantized model that rounding difference
-        grows through the layers (logits moved by ~0.5 on SmolLM2 Q4_1, CPU), so a sampled token
-        may differ from the one-at-a-time run."""
-        return self._generate(list(reqs), None)
-
-    def _prepare(self, index: int, req: CompletionRequest) -> _Job:
-        validate_params(req.params, req.seed)
-        tokens = self.tokenize(req.prompt)
-        if not tokens:
-            raise UsageError("the prompt is empty: there is nothing to continue")
-        if len(tokens) > self.n_ctx_seq - 1:
-            raise EngineError(
-                f"the prompt is {len(tokens)} tokens, a sequence holds {self.n_ctx_seq} "
-                f"(at most {self.n_ctx_seq - 1} prompt tokens); raise n_ctx or shorten the prompt"
-            )
-        return _Job(index, req, tokens, budget=min(req.params.max_tokens, self.n_ctx_seq - len(tokens)))
-
-    def _generate(self, reqs: list[CompletionRequest], on_text: Callable[[str], None] | None) -> list[Completion]:
-        return _run_batched(self, reqs, on_text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1071,11 +1033,11 @@ class Engine:
 
 class BranchDecoder:
     """Many KV sequences in one Engine's context, with ids from a bounded pool 0..n_seq_max-1:
-    the llama.cpp implementation of the `kgen_cli.tree.BranchDecoder` protocol. One per Engine
-    (`Engine.branches()`); `complete`/`complete_many` take their ids from the same pool.
+    the llama.cpp implementation of the `kgen_cli.decoding.BranchDecoder` protocol. One per Engine
+    (`Engine.branches()`); `scheduler.Scheduler` and the samplers of `tree` drive it.
 
     Every method validates ids, lengths and batch indices in Python first, because the matching
-    llama.cpp mistakes abort the process (LLAMA_CPP.md §6.1). Logits live only until the next
+    llama.cpp mistakes abort the process (docs/design.md#llama-cpp-traps). Logits live only until the next
     `step`: `sample` works on a sequence whose last fed token got its row in the latest step (or a
     fork taken at such a sequence's tip)."""
 
@@ -1334,10 +1296,6 @@ class BranchDecoder:
             raise EngineError(f"llama.cpp has no logits for sequence {seq}")
         return np.ctypeslib.as_array(ptr, shape=(self._engine.n_vocab,))
 
-    def token_prob(self, seq: int, token: int) -> float:
-        """Probability of `token` under the softmax of the sequence's raw logits."""
-        return self._prob(self._row(seq), token)
-
     def _prob(self, row: int, token: int) -> float:
         """softmax(logits)[token] for one output row: one max, one exp into a reused float32
         buffer and one sum over the vocabulary (~50 us for 49k tokens), no temporaries."""
@@ -1361,191 +1319,3 @@ def _decode_error(rc: int, n_tokens: int, n_ctx: int) -> str:
     if rc == -1:
         return f"llama_decode rejected the batch as invalid: {_last_error('no details')}"
     return f"llama_decode failed (rc {rc}): {_last_error()}"
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. The generation loop
-# ---------------------------------------------------------------------------------------------
-
-
-class _TextStream:
-    """Generated bytes -> text, incrementally: a piece may end inside a multibyte UTF-8 character,
-    which is held back until its remaining bytes arrive."""
-
-    def __init__(self, on_text: Callable[[str], None] | None = None):
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._parts: list[str] = []
-        self._on_text = on_text
-
-    def push(self, piece: bytes, final: bool = False) -> None:
-        text = self._decoder.decode(piece, final)
-        if text:
-            self._parts.append(text)
-            if self._on_text is not None:
-                self._on_text(text)
-
-    def close(self) -> str:
-        self.push(b"", final=True)
-        return "".join(self._parts)
-
-
-@dataclass(eq=False)
-class _Job:
-    """One request's progress through the loop."""
-
-    index: int
-    req: CompletionRequest
-    tokens: list[int]  # the prompt, BOS included
-    budget: int  # the most tokens it may generate (max_tokens, capped by the context)
-    key: tuple[int, ...] = ()  # identical prompts share KV cells
-    seq: int = -1
-    sampler: Sampler | None = None
-    reserved: int = 0  # KV cells promised to this job on top of its (shared) prompt
-    generated: int = 0
-    stream: _TextStream = field(default_factory=_TextStream)
-    t_admitted: float = 0.0
-    t_first: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.key = tuple(self.tokens)
-
-
-@dataclass(eq=False)
-class _PromptGroup:
-    """Live sequences that hold the same prompt in shared KV cells."""
-
-    n_tokens: int
-    members: set[int] = field(default_factory=set)
-    prefilling: bool = False  # its prompt is being decoded in the current step
-
-
-def _run_batched(
-    engine: Engine, reqs: list[CompletionRequest], on_text: Callable[[str], None] | None
-) -> list[Completion]:
-    """The one generation loop (cf. llama.cpp examples/batched and examples/parallel).
-
-    Per iteration: sample every live sequence, finish those that hit EOG or their limit, admit
-    waiting requests into free slots (their prompt is decoded in this same step, or shared from a
-    live sequence with the same prompt), then ONE llama_decode for everything that was fed.
-    """
-    engine._check_open()
-    jobs = [engine._prepare(i, r) for i, r in enumerate(reqs)]  # validate everything before decoding
-    if on_text is not None:
-        for job in jobs:
-            job.stream = _TextStream(on_text)
-    pieces = engine.pieces
-    results: list[Completion | None] = [None] * len(jobs)
-    if not jobs:
-        return []
-    n_ctx = engine.n_ctx
-    waiting = collections.deque(jobs)
-    live: dict[int, _Job] = {}
-    groups: dict[tuple[int, ...], _PromptGroup] = {}
-    bd = engine.branches()
-    # KV cells promised to live jobs and their shared prompts, plus (over-counted: they may share)
-    # the cells of sequences that other users of the decoder hold. Never exceeds n_ctx.
-    reserved = sum(bd._len.values())
-
-    def finish(job: _Job, reason: str) -> None:
-        nonlocal reserved
-        text = job.stream.close()
-        bd.free(job.seq)
-        bd.release_sampler(job.sampler)
-        del live[job.seq]
-        reserved -= job.reserved
-        group = groups[job.key]
-        group.members.discard(job.seq)
-        if not group.members:  # the last holder is gone: so are the prompt's cells
-            reserved -= group.n_tokens
-            del groups[job.key]
-        now = time.perf_counter()
-        results[job.index] = Completion(
-            text=text,
-            n_prompt_tokens=len(job.tokens),
-            n_tokens=job.generated,
-            finish_reason=reason,  # type: ignore[arg-type]
-            prompt_seconds=job.t_first - job.t_admitted,
-            generate_seconds=now - job.t_first,
-        )
-
-    def admit(feeds: dict[int, list[int]]) -> list[tuple[_Job, int]]:
-        """Move waiting jobs into free sequence slots while the KV budget allows."""
-        nonlocal reserved
-        deferred: list[tuple[_Job, int]] = []  # (job, owner): fork at the owner's tip after the step
-        while waiting and bd.n_free > len(deferred):
-            job = waiting[0]
-            group = groups.get(job.key)
-            late_fork = group is not None and not group.prefilling
-            # A late fork re-decodes the prompt's last token (+1 cell); a new prompt costs its cells.
-            job.reserved = job.budget + (1 if late_fork else 0)
-            cost = job.reserved + (0 if group else len(job.tokens))
-            if live and reserved + cost > n_ctx:
-                break  # wait until a finishing job gives cells back
-            waiting.popleft()
-            reserved += cost
-            job.t_admitted = time.perf_counter()
-            job.sampler = bd.new_sampler(job.req.params, job.req.seed)
-            if group is None:
-                # First holder of this prompt: decode it on a fresh sequence in this step.
-                groups[job.key] = group = _PromptGroup(len(job.tokens), prefilling=True)
-                job.seq = bd.open()
-                feeds[job.seq] = job.tokens
-            elif group.prefilling:
-                # Same prompt admitted in this very step: share it once it is decoded.
-                deferred.append((job, next(iter(group.members))))
-                engine.counters.shared_prompt_tokens += len(job.tokens)
-                continue
-            else:
-                # A live sequence holds this prompt: share all but its last token, whose
-                # logits this job needs and the holder no longer has.
-                job.seq = bd.fork(next(iter(group.members)), len(job.tokens) - 1)
-                feeds[job.seq] = job.tokens[-1:]
-                engine.counters.shared_prompt_tokens += len(job.tokens) - 1
-            group.members.add(job.seq)
-            live[job.seq] = job
-        return deferred
-
-    try:
-        while waiting or live:
-            feeds: dict[int, list[int]] = {}
-
-            # 1. Sample every live sequence (each has a logits row from the previous step).
-            for seq, job in list(live.items()):
-                token = bd.sample_token(seq, job.sampler)
-                if job.generated == 0:
-                    job.t_first = time.perf_counter()
-                if engine.is_eog(token):  # EOG ends the text and is not rendered
-                    finish(job, "stop")
-                    continue
-                job.generated += 1
-                job.stream.push(pieces[token])
-                if job.generated >= job.budget:
-                    finish(job, "length")  # the last token needs no decode
-                    continue
-                feeds[seq] = [token]
-
-            # 2. Admit waiting requests; their prompts ride in the same decode.
-            deferred = admit(feeds)
-
-            # 3. One llama_decode for every sequence that was fed.
-            bd.step(feeds)
-
-            # 4. Requests sharing a prompt decoded just now join at its tip (shared logits row).
-            for job, owner in deferred:
-                job.seq = bd.fork(owner, bd._len[owner])
-                groups[job.key].members.add(job.seq)
-                live[job.seq] = job
-            for group in groups.values():
-                group.prefilling = False
-    finally:
-        # Normally every job is finished by now; after an error (a decode failure, an exception
-        # from on_text) give back what this call took. Other users' sequences stay.
-        for job in jobs:
-            if job.sampler is not None:
-                job.sampler.free()
-        for seq in live:
-            bd.free(seq)
-        if not bd._len:
-            engine._ll.llama_memory_clear(engine._mem, False)
-
-    return results  # type: ignore[return-value]

@@ -78,19 +78,15 @@ class GenerationOptions:
 
     def request(self, tags: str, *, family: str, quality_line: bool = False):
         """Validate into a `pipeline.ExpandRequest` (UsageError on bad input)."""
+        from kgen_cli import families
         from kgen_cli.formats.bans import BanList
         from kgen_cli.formats.templates import resolve_format
         from kgen_cli.pipeline import ExpandRequest, validate
-        from kgen_cli.sampling import FAMILY_DEFAULTS
 
         ratio = _aspect_ratio(self.width, self.height, self.aspect_ratio)
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise UsageError("--max-tokens must be a positive number of tokens")
-        if family not in FAMILY_DEFAULTS:
-            from kgen_cli.pipeline import FAMILIES
-
-            raise UsageError(f"unknown model family {family!r}; expected {' or '.join(FAMILIES)}")
-        params = FAMILY_DEFAULTS[family].with_overrides(
+        params = families.get(family).sampling.with_overrides(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             repeat_penalty=self.repeat_penalty, max_tokens=self.max_tokens,
         )

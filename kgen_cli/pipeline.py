@@ -2,7 +2,7 @@
 
 `run_expand(request, seed)` yields one `CompletionRequest` per model call and receives the model's
 `Completion` through `.send()`; the `ExpandResult` is its return value (`StopIteration.value`).
-`drive()` runs a job against a plain function; the scheduler runs many jobs at once. The text a
+The scheduler (`scheduler.py`) runs many jobs at once; a test may drive one with a plain function. The text a
 call's output is parsed from is `prompt + completion.text`, as on the reference GGUF path.
 
 Flow: the tag prompt is parsed for A1111 syntax (`syntax.parse_prompt`; only bare tags reach the
@@ -10,7 +10,7 @@ model) and categorised; the NL loses its weights (`syntax.parse_nl`). TIPO runs 
 (or the one requested operation), DTG its single retried call. The final tag map is rendered with
 the template, then weights, BREAK and extra networks are put back (`syntax.restore`).
 
-Seeds (FORMATS.md §13). `seed` is reduced into [0, 2**32 - 2]; every derived seed goes through
+Seeds (docs/design.md#sampling-defaults). `seed` is reduced into [0, 2**32 - 2]; every derived seed goes through
 `derive_seed`, so it stays there too (0xFFFFFFFF would make llama.cpp pick a random seed):
 
 - TIPO: attempt `a` (0 = first call) of planned operation `i` (0-based) uses
@@ -22,7 +22,7 @@ Seeds (FORMATS.md §13). `seed` is reduced into [0, 2**32 - 2]; every derived se
 
 Same request, same seed and same model outputs give the identical result.
 
-Retries (FORMATS.md §9). TIPO: an operation re-runs up to `retries` times (default 10) until its
+Retries (docs/design.md#tipo, #dtg). TIPO: an operation re-runs up to `retries` times (default 10) until its
 target passes, each attempt extending the previous result; 5 raw outputs in a row that repeat an
 earlier one of the operation stop it. DTG: `retries` (default 20) is a budget used by each
 changed output; an output with the same new-tag set as the previous one costs nothing, and 15 of
@@ -34,7 +34,7 @@ for the registry models, as the peers load them), the call is not made. The oper
 keeps its last result, like a retry loop that ran out; a later operation is still tried (its
 prompt may be shorter). `ExpandResult.skipped_calls` lists what was not made.
 
-Between TIPO operations (§4.3) the next one starts from the previous result's tags and NL; meta
+Between TIPO operations (docs/design.md#tipo) the next one starts from the previous result's tags and NL; meta
 lines always come from the user's input, but tags a model put in other categories (a character,
 a quality tag) are carried to the final result.
 
@@ -48,18 +48,19 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Generator, Literal
+from typing import Generator
 
+from kgen_cli import families
 from kgen_cli.errors import UsageError
 from kgen_cli.formats import dtg, syntax, tipo
 from kgen_cli.formats.bans import BanList
 from kgen_cli.formats.tags import FIELDS, categorize
 from kgen_cli.formats.templates import DEFAULT_FORMAT, apply_format, resolve_format, wants_extra_nl
-from kgen_cli.sampling import FAMILY_DEFAULTS, SEED_MODULUS, Completion, CompletionRequest, SamplingParams, derive_seed
+from kgen_cli.sampling import SEED_MODULUS, Completion, CompletionRequest, SamplingParams, derive_seed
 
-FAMILIES = ("tipo", "dtg")
-DEFAULT_RETRIES = {"tipo": 10, "dtg": 20}
-MAX_SAME_OUTPUT = {"tipo": 5, "dtg": 15}
+# Raw outputs in a row that repeat an earlier one after which a retry loop stops.
+TIPO_MAX_SAME_OUTPUT = 5
+DTG_MAX_SAME_OUTPUT = 15
 OPERATION_SEED_STRIDE = 1000
 MAX_RETRIES = OPERATION_SEED_STRIDE - 1
 
@@ -80,33 +81,33 @@ class ExpandRequest:
 
     tags: str = ""  # raw user tag prompt (A1111 syntax allowed)
     nl: str = ""  # natural language (TIPO only)
-    family: Literal["tipo", "dtg"] = "tipo"
+    family: str = "tipo"  # a registered family (`families.py`)
     tag_length: str = "long"
     nl_length: str = "long"
-    operation: str | None = None  # None: the automatic plan; else one TIPO operation (§4.1)
+    operation: str | None = None  # None: the automatic plan; else one TIPO operation
     aspect_ratio: float = 1.0
     template: str = field(default_factory=_default_template)
     bans: BanList = field(default_factory=_no_bans)
     retries: int | None = None  # None: family default (TIPO 10, DTG 20); 0: one call per operation
-    params: SamplingParams | None = None  # None: FAMILY_DEFAULTS[family]
+    params: SamplingParams | None = None  # None: the family's defaults
     quality_line: bool = False  # DTG models trained with quality info (delta, delta-rev2)
     escape_parens: bool = False
     extra_quality: tuple[str, ...] = ()
     extra_special: tuple[str, ...] = ()
-    # The automatic TIPO plan's switches (§4.2).
+    # The automatic TIPO plan's switches.
     expand_tags: bool = True
     expand_prompt: bool = True
     tag_first: bool = True
 
     def __post_init__(self) -> None:
-        if self.params is None and self.family in FAMILY_DEFAULTS:
-            self.params = FAMILY_DEFAULTS[self.family]
+        if self.params is None and self.family in families.names():
+            self.params = families.get(self.family).sampling
         if self.bans is None:
             self.bans = _no_bans()
 
     @property
     def effective_retries(self) -> int:
-        return DEFAULT_RETRIES[self.family] if self.retries is None else self.retries
+        return families.get(self.family).retries if self.retries is None else self.retries
 
 
 @dataclass
@@ -190,17 +191,12 @@ def call_totals(calls: list[CallRecord]) -> dict:
 
 def validate(request: ExpandRequest) -> None:
     """Raise UsageError for anything the pipeline cannot run."""
-    if request.family not in FAMILIES:
-        raise UsageError(f"unknown model family {request.family!r}; expected tipo or dtg")
+    family = families.get(request.family)
     for what, level in (("tag length", request.tag_length), ("NL length", request.nl_length)):
         if level not in tipo.LEVELS:
             raise UsageError(f"unknown {what} {level!r}; choose one of: {', '.join(tipo.LEVELS)}")
-    if request.family == "dtg" and request.operation is not None:
-        raise UsageError("operations are for TIPO models; DanTagGen only extends tags")
-    if request.family == "dtg" and request.nl.strip():
-        raise UsageError("DanTagGen models take tags only; natural language needs a TIPO model")
-    if request.operation is not None and request.operation not in tipo.OPERATIONS:
-        raise UsageError(f"unknown TIPO operation {request.operation!r}; choose one of: {', '.join(tipo.OPERATIONS)}")
+    if family.validate is not None:
+        family.validate(request)
     ratio = request.aspect_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
         raise UsageError(f"the aspect ratio must be a positive number, not {ratio!r}")
@@ -247,23 +243,14 @@ def plan_operations(request: ExpandRequest, has_tags: bool, has_nl: bool) -> lis
     )
 
 
-def drive(gen: Job, complete: Callable[[CompletionRequest], Completion]) -> ExpandResult:
-    """Run a job to its end, one call at a time, with `complete` as the model."""
-    try:
-        call = next(gen)
-        while True:
-            call = gen.send(complete(call))
-    except StopIteration as stop:
-        return stop.value
-
-
 # ---------------------------------------------------------------------------------------------
 # The job
 
 
 @dataclass
-class _Context:
-    """What every step of one job shares."""
+class JobContext:
+    """What every step of one job shares; a family's `run(ctx)` reads the request and the
+    user's parsed input from it and makes its model calls with `yield from ctx.call(...)`."""
 
     request: ExpandRequest
     seed: int
@@ -274,6 +261,13 @@ class _Context:
     rng: random.Random
     calls: list[CallRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+
+    def call(self, prompt: str, seed: int, operation: str, level: str, expand: bool | None = None,
+             attempt: int = 0) -> Generator[CompletionRequest, Completion, str | None]:
+        """One model call, recorded (`yield from` it): the text to parse (prompt + completion), or
+        None when the call was not made (every call but the job's first may be skipped: its
+        prompt left no room in the model's context)."""
+        return _call(self, prompt, seed, operation, level, expand, attempt)
 
 
 def _categorize(request: ExpandRequest, tags) -> dict[str, list[str]]:
@@ -287,20 +281,15 @@ def run_expand(request: ExpandRequest, seed: int) -> Job:
     prompt = syntax.parse_prompt(request.tags)
     bare_nl, spans = syntax.parse_nl(request.nl)
     user_map = _categorize(request, prompt.tags)
-    ctx = _Context(request, seed, prompt, user_map, bare_nl.strip(), spans, random.Random(seed))
-    if request.family == "dtg":
-        tag_map, new_tags = yield from _run_dtg(ctx)
-        operations: list[dict] = []
-    else:
-        tag_map, operations = yield from _run_tipo(ctx)
-        new_tags = _added_tags(ctx.user_map, tag_map)
+    ctx = JobContext(request, seed, prompt, user_map, bare_nl.strip(), spans, random.Random(seed))
+    tag_map, new_tags, operations = yield from families.get(request.family).run(ctx)
     return ExpandResult(
         formatted=_render(ctx, tag_map), tag_map=tag_map, new_tags=new_tags, seed=seed,
         calls=ctx.calls, family=request.family, operations=operations, skipped_calls=ctx.skipped,
     )
 
 
-def _call(ctx: _Context, prompt: str, seed: int, operation: str, level: str, expand: bool | None,
+def _call(ctx: JobContext, prompt: str, seed: int, operation: str, level: str, expand: bool | None,
           attempt: int) -> Generator[CompletionRequest, Completion, str | None]:
     """One model call, recorded; returns the text to parse (prompt + completion), or None when
     the call was not made (every call but the job's first may be skipped: no room left)."""
@@ -318,8 +307,22 @@ def _call(ctx: _Context, prompt: str, seed: int, operation: str, level: str, exp
     return prompt + completion.text
 
 
-def _run_tipo(ctx: _Context):
-    """Every planned operation; the next one starts from the previous result (§4.3)."""
+def validate_tipo(request: ExpandRequest) -> None:
+    if request.operation is not None and request.operation not in tipo.OPERATIONS:
+        raise UsageError(f"unknown TIPO operation {request.operation!r}; choose one of: {', '.join(tipo.OPERATIONS)}")
+
+
+def validate_dtg(request: ExpandRequest) -> None:
+    """DTG models take tags only."""
+    if request.operation is not None:
+        raise UsageError("operations are for TIPO models; DanTagGen only extends tags")
+    if request.nl.strip():
+        raise UsageError("DanTagGen models take tags only; natural language needs a TIPO model")
+
+
+def run_tipo(ctx: JobContext):
+    """TIPO's part of the job: every planned operation; the next one starts from the previous
+    result. Returns (tag map, new tags, the operations that ran)."""
     state = {category: list(ctx.user_map[category]) for category in FIELDS}
     has_tags = bool(state["special"] or state["general"])
     ops = plan_operations(ctx.request, has_tags, bool(ctx.nl))
@@ -331,18 +334,18 @@ def _run_tipo(ctx: _Context):
             continue  # its first call had no room: the state stays as it was
         result = done
         state = {category: result[category] for category in FIELDS}
-        # §4.3: renaming `generated` to `extended` before picking leaves this same choice.
+        # Renaming `generated` to `extended` before picking (as the reference does) leaves this same choice.
         nl = result["generated"] or result["extended"] or nl
     if result is None:
         # No model call: the user's prompt, with the NL as post-processing would leave it.
         result = dict(state, extended=". ".join(tipo.sentences(ctx.nl)), generated="")
     tag_map = {category: result[category] for category in FIELDS}
     tag_map.update(extended=result["extended"], generated=result["generated"])
-    return tag_map, [op.to_dict() for op in ops]
+    return tag_map, _added_tags(ctx.user_map, tag_map), [op.to_dict() for op in ops]
 
 
-def _run_operation(ctx: _Context, op: tipo.Operation, index: int, state: dict, nl: str):
-    """One TIPO operation with its retries (§9.1, K3 fixed): each retry extends the last result."""
+def _run_operation(ctx: JobContext, op: tipo.Operation, index: int, state: dict, nl: str):
+    """One TIPO operation with its retries (K3 fixed, docs/deviations.md): each retry extends the last result."""
     request = ctx.request
     user_nl = nl
     op_seed = derive_seed(ctx.seed, OPERATION_SEED_STRIDE * index)
@@ -365,22 +368,23 @@ def _run_operation(ctx: _Context, op: tipo.Operation, index: int, state: dict, n
         # An output seen before in this operation counts as "same"; a new one resets the count.
         same = same + 1 if output in seen else 0
         seen.add(output)
-        if same >= MAX_SAME_OUTPUT["tipo"]:
+        if same >= TIPO_MAX_SAME_OUTPUT:
             break
         nl = result["extended"] or result["generated"] or nl
         state = {category: result[category] for category in FIELDS}
     return result
 
 
-def _run_dtg(ctx: _Context):
-    """The DTG call with its retries (§9.2); returns (final tag map, new tags)."""
+def run_dtg(ctx: JobContext):
+    """DTG's part of the job: its call with the retries. Returns (final tag map, new
+    tags, no operations)."""
     request = ctx.request
     level = request.tag_length
     prompt = dtg.build_prompt(ctx.user_map, level=level, aspect_ratio=request.aspect_ratio,
                               quality_line=request.quality_line)
     budget, same, previous, attempt = request.effective_retries, 0, None, 0
     new: list[str] = []
-    while budget >= 0 and same < MAX_SAME_OUTPUT["dtg"]:
+    while budget >= 0 and same < DTG_MAX_SAME_OUTPUT:
         output = yield from _call(ctx, prompt, derive_seed(ctx.seed, attempt), "dtg", level, None, attempt)
         if output is None:
             break  # the retry prompt has no room left: the last new tags stand
@@ -398,7 +402,7 @@ def _run_dtg(ctx: _Context):
         ctx.rng.shuffle(new)
         prompt = dtg.retry_prompt(output, new)
     tag_map = dtg.merge(ctx.user_map, new, extra_quality=request.extra_quality, extra_special=request.extra_special)
-    return tag_map, new
+    return tag_map, new, []
 
 
 def _added_tags(user_map: dict, tag_map: dict) -> list[str]:
@@ -407,11 +411,11 @@ def _added_tags(user_map: dict, tag_map: dict) -> list[str]:
     return [t for category in FIELDS for t in tag_map.get(category, []) if tipo.tag_key(t) not in known]
 
 
-def _render(ctx: _Context, tag_map: dict) -> str:
+def _render(ctx: JobContext, tag_map: dict) -> str:
     """The template applied, then the user's weights, BREAK and extra networks restored."""
     escape_parens = ctx.request.escape_parens
     values = dict(tag_map)
-    # Undocumented placeholders of the reference (§10.1).
+    # Undocumented placeholders of the reference (docs/design.md#templates).
     values["tag"] = tag_map["special"] + tag_map["general"]
     values["aspect_ratio"] = [tipo.format_ratio(ctx.request.aspect_ratio)]
     nl_texts = []

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kgen_cli import families
 from kgen_cli.errors import ModelNotFoundError, RegistryError, UsageError
 from kgen_cli.paths import kgen_home
 from kgen_cli.quant import LOCAL_QUANT_TYPES, QUANTIZABLE_SOURCES
 
-FAMILIES = ("tipo", "dtg")
 REGISTRY_FILE = "models.yaml"
 # The largest user models.yaml read (the packaged one, ~40 entries, is ~10 KB).
 MAX_REGISTRY_BYTES = 1 << 20
@@ -364,8 +364,8 @@ def _parse_entry(where: str, index: int, raw: object, local_paths: Path | None) 
     name, family, repo, file, quant = (raw.get(k) for k in ("name", "family", "repo", "file", "quant"))
     if not _NAME_RE.fullmatch(name):
         raise fail("'name' must be lower-case letters, digits, '.', '_' or '-' (starting with a letter or digit)")
-    if family not in FAMILIES:
-        raise fail(f"'family' must be one of {', '.join(FAMILIES)}, not '{family}'")
+    if family not in families.names():
+        raise fail(f"'family' must be one of {', '.join(families.names())}, not '{family}'")
     path = None
     if local:
         if not raw["path"].strip():
@@ -390,7 +390,7 @@ def _parse_entry(where: str, index: int, raw: object, local_paths: Path | None) 
         if not _SHA256_RE.fullmatch(sha256):
             raise fail("'sha256' must be 64 hexadecimal digits")
     quality_line = raw.get("quality_line", False)
-    if quality_line and family != "dtg":
+    if quality_line and not families.get(family).quality_line:
         raise fail("'quality_line' applies to dtg models only")
 
     return ModelSpec(
@@ -449,17 +449,13 @@ def registry_spec_only(model: str | None, family: str | None) -> ResolvedModel:
     spec = lookup(load_registry(), model)
     chosen = family or spec.family
     return ResolvedModel(name=spec.name, path=None, family=chosen, spec=spec,
-                         quality_line=spec.quality_line and chosen == "dtg")
+                         quality_line=spec.quality_line and families.get(chosen).quality_line)
 
 
 def guess_family(path: Path) -> str | None:
-    """tipo/dtg from a file name, as the peers name their files; None when it says neither."""
-    lowered = path.name.lower()
-    if "dtg" in lowered or "dantaggen" in lowered:
-        return "dtg"
-    if "tipo" in lowered:
-        return "tipo"
-    return None
+    """The family a file name says (tipo, dtg, ...), as the peers name their files; None when it
+    says none."""
+    return families.guess(path.name)
 
 
 def looks_like_path(model: str) -> bool:
@@ -496,7 +492,7 @@ def file_family(path: Path, family: str | None) -> tuple[str, bool]:
     """(family, assumed) of a file kgen knows only by its name: `--family`, else what the name
     says, else KGEN_FAMILY, else TIPO, kgen's default (`assumed`: the commands say so)."""
     chosen = family or guess_family(path) or check_family(os.environ.get(FAMILY_ENV) or None, FAMILY_ENV)
-    return (chosen, False) if chosen else ("tipo", True)
+    return (chosen, False) if chosen else (families.DEFAULT_FAMILY, True)
 
 
 def check_family(family: str | None, where: str | None = None) -> str | None:
@@ -505,9 +501,9 @@ def check_family(family: str | None, where: str | None = None) -> str | None:
     if family is None:
         return None
     lowered = family.strip().lower()
-    if lowered not in FAMILIES:
+    if lowered not in families.names():
         raise UsageError(f"unknown family '{family}'" + (f" ({where})" if where else ""),
-                         hint=f"use --family {' or --family '.join(FAMILIES)}")  # fmt: skip
+                         hint=f"use --family {' or --family '.join(families.names())}")  # fmt: skip
     return lowered
 
 
@@ -524,8 +520,10 @@ def existing_file(model: str, what: str | None = None) -> Path:
 
 
 def _delta_quality_line(family: str, file_name: str) -> bool:
-    # The peers name DTG files <repo>_<file>: only the delta models have the quality line.
-    return family == "dtg" and "delta" in Path(file_name).name.lower()
+    """Whether a file known only by its name has the quality line: its family's rule decides
+    (DTG: the peers name files <repo>_<file>, and only the delta models have the line)."""
+    rule = families.get(family).quality_line_file
+    return rule is not None and rule(Path(file_name).name)
 
 
 def _resolve_path(model: str, family: str | None) -> ResolvedModel:

@@ -87,14 +87,13 @@ def validate_params(params: SamplingParams, seed: int) -> None:
         raise UsageError(f"penalty_last_n must be >= 0, got {params.penalty_last_n!r}")
 
 
-# FORMATS.md §12, the library rows: TIPO's repetition penalty 1.17 is explicit here (K8).
+# The reference library's defaults (docs/design.md#sampling-defaults); TIPO's repetition penalty
+# 1.17 is explicit here (K8, docs/deviations.md).
 FAMILY_DEFAULTS: dict[str, SamplingParams] = {
     "tipo": SamplingParams(temperature=0.35, top_p=0.95, top_k=60, min_p=0.1, repeat_penalty=1.17, max_tokens=512),
     "dtg": SamplingParams(temperature=0.5, top_p=0.95, top_k=100, min_p=0.0, repeat_penalty=1.0, max_tokens=256),
 }
 
-# Tree samplers (PEERS.md §6.1): temperature 1, min_p 0.1, top_p/top_k off.
-TREE_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.1, repeat_penalty=1.0, max_tokens=512)
 
 
 # A call that may be skipped (a retry, a later operation) is made only if its prompt leaves room

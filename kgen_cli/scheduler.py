@@ -19,7 +19,7 @@ peers load TIPO/DTG with n_ctx=1024): its new tokens are capped to fit, a first 
 not fit is the job's error, and a `may_skip` request that leaves less than `room_needed()` is
 answered with `Completion.no_room` without a model call.
 
-Pure Python over the `tree.BranchDecoder` protocol, so it is tested with a fake decoder.
+Pure Python over the `decoding.BranchDecoder` protocol, so it is tested with a fake decoder.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Hashable, Iterable, Iterator
 
-from kgen_cli.errors import EngineError, KgenError
-from kgen_cli.sampling import Completion, CompletionRequest
+from kgen_cli.errors import EngineError, KgenError, UsageError
+from kgen_cli.sampling import Completion, CompletionRequest, validate_params
 
 Job = Generator[CompletionRequest, Completion, Any]
 Tokenize = Callable[[str], list[int]]
@@ -218,10 +218,15 @@ class Scheduler:
                 return None
             start = False
             try:
+                validate_params(request.params, request.seed)  # a bad request fails its job only
                 prompt = self.tokenize(request.prompt)
             except KgenError as exc:
                 job.close()
                 on_result(key, None, exc)
+                return None
+            if not prompt:  # nothing to continue (a model with no BOS and an empty prompt)
+                job.close()
+                on_result(key, None, UsageError("the prompt is empty: there is nothing to continue"))
                 return None
             room = self.window - len(prompt)
             if request.may_skip and room < request.room_needed():
@@ -297,7 +302,11 @@ class Scheduler:
     def _start(self, call: _Call, seq: int, feed: list[int], feeds: dict[int, list[int]], admitted: set[int]) -> None:
         """The call goes live on `seq`, which holds its prompt but for `feed` (decoded this step)."""
         call.started = time.perf_counter()
-        call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
+        try:
+            call.sampler = self.decoder.new_sampler(call.request.params, call.request.seed)
+        except BaseException:
+            self.decoder.free(seq)  # not live yet: the release after an error would not see it
+            raise
         call.seq = seq
         feeds[seq] = list(feed)
         self._live[seq] = call

@@ -1,6 +1,6 @@
 """Many variants from one prompt: Token Group Tree Sampling (TGTS) and independent sampling.
 
-Pure Python, no llama_cpp import. Both samplers drive a `BranchDecoder`: a pool of sequence ids
+Pure Python, no llama_cpp import. Both samplers drive a `BranchDecoder` (`decoding.py`): a pool of sequence ids
 over one shared KV cache. The engine implements it on llama.cpp's unified KV cache
 (`Engine.branches()`, docs/design.md#engine): `fork` is a prefix `llama_memory_seq_cp`, `free` is
 `llama_memory_seq_rm`, `step` is one `llama_decode` for every sequence fed. Tests and the
@@ -71,8 +71,9 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from kgen_cli.decoding import BranchDecoder, BranchPoolExhausted, Sampled
 from kgen_cli.errors import EngineError
 from kgen_cli.sampling import SamplingParams, derive_seed
 
@@ -82,65 +83,6 @@ BUDGET_FACTOR = 2  # TGTS stops after n * max_tokens * BUDGET_FACTOR decoded tok
 NOOP_LIMIT = 1_000  # empty expansions in a row after which the selected node is widened anyway
 ROOT_NOOP_LIMIT = 1_000_000  # the same at the root, where a run of them costs O(1)
 DUPLICATE_STREAK = 32  # consecutive repeated leaves after which the model is taken as saturated
-
-
-# --------------------------------------------------------------------------- protocol
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """One sampled token. `prob` is under the raw (unwarped) logits: it feeds the segment score."""
-
-    token: int
-    prob: float
-    piece: bytes
-    is_eog: bool
-    separators: int  # number of "," in `piece`
-
-
-class BranchPoolExhausted(EngineError):
-    """Every sequence id of the decoder's pool is in use."""
-
-
-class BranchDecoder(Protocol):
-    max_branches: int  # size of the sequence-id pool (<= 256)
-
-    def start(self, tokens: list[int]) -> int:
-        """Allocate a seq, decode the prompt on it; its last token's logits are pending."""
-        ...
-
-    def open(self) -> int:
-        """Allocate an empty seq without decoding (its tokens come with the next `step`, so a
-        new prompt's prefill shares a decode with the sequences already running)."""
-        ...
-
-    def fork(self, parent: int, keep: int) -> int:
-        """New seq sharing the parent's first `keep` positions (KV copy, no recompute).
-        Raises BranchPoolExhausted when the pool is empty."""
-        ...
-
-    def free(self, seq: int) -> None: ...
-
-    def truncate(self, seq: int, keep: int) -> None:
-        """Keep the seq's first `keep` positions (drops its pending logits). The scheduler uses
-        it when present, to reuse a finished call's sequence for the job's next prompt."""
-        ...
-
-    def length(self, seq: int) -> int: ...
-
-    def step(self, feeds: dict[int, list[int]]) -> None:
-        """Append tokens to each seq in one decode call; the last fed token of each seq gets
-        pending logits (valid until the next step)."""
-        ...
-
-    def new_sampler(self, params: SamplingParams, seed: int, history: Sequence[int] = ()) -> Any:
-        """A sampler object with `.free()`. `history`: the tokens generated before this point of
-        the text (a segment continuing its parent's), for the repetition penalty."""
-        ...
-
-    def sample(self, seq: int, sampler: Any, *, with_prob: bool = True) -> Sampled:
-        """Sample from the seq's pending logits; `prob` may be skipped (NaN) when not needed."""
-        ...
 
 
 @dataclass

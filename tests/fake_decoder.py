@@ -32,7 +32,11 @@ import random
 from dataclasses import dataclass
 
 from kgen_cli.sampling import SamplingParams
-from kgen_cli.tree import BranchPoolExhausted, Sampled
+from kgen_cli.decoding import BranchPoolExhausted, Sampled
+
+# The tree samplers' sampling in the reference (docs/design.md#tgts): temperature 1, min_p 0.1,
+# top_p/top_k off. Tests and benchmarks of the samplers use it.
+TREE_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.1, repeat_penalty=1.0, max_tokens=512)
 
 EOG, SEP, NEWLINE, FIRST_WORD = 0, 1, 2, 3
 _MASK = (1 << 64) - 1

@@ -69,8 +69,7 @@ def test_retries_range_in_help_matches_the_pipeline():
 
 # Notes outside the repository that comments once cited; a reader has only the repository.
 OUTSIDE_NOTES = re.compile(r"FORMATS\.md|PEERS\.md|LLAMA_CPP\.md|CAPTION_AND_SCALE\.md|shared/reference|§")
-# Being rewritten by the library refactoring (issue 14); empty this once their citations point to docs/.
-PENDING = {"kgen_cli/engine.py", "kgen_cli/pipeline.py", "kgen_cli/sampling.py"}
+PENDING: set[str] = set()  # files still to be rewritten (none left)
 
 
 def _sources():

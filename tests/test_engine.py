@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kgen_cli import engine as eng
+from engine_calls import complete, complete_many, run_calls  # tests/ is on sys.path
 from kgen_cli.engine import BranchPoolExhausted, Engine, check_gguf, gguf_metadata
 from kgen_cli.errors import EngineError, UsageError
 from kgen_cli.sampling import CompletionRequest, SamplingParams
@@ -193,61 +194,64 @@ def test_tokenize_matches_the_llama_facade(engine, model_path):
 @pytest.mark.model
 def test_same_seed_same_text_and_streaming(engine):
     streamed: list[str] = []
-    first = engine.complete(req(42), on_text=streamed.append)
-    second = engine.complete(req(42))
+    first = complete(engine, req(42), on_text=streamed.append)
+    second = complete(engine, req(42))
     assert first.text == second.text and first.n_tokens == second.n_tokens
-    assert "".join(streamed) == first.text
+    assert "".join(streamed) == first.text + "\n"  # the step loop ends each streamed call with a newline
     assert first.n_prompt_tokens == len(engine.tokenize(PROMPT))
     assert first.finish_reason in ("stop", "length") and 0 < first.n_tokens <= SAMPLED.max_tokens
-    others = {engine.complete(req(seed)).text for seed in range(1, 5)}
+    others = {complete(engine, req(seed)).text for seed in range(1, 5)}
     assert len(others) > 1  # different seeds diverge
 
 
 @pytest.mark.model
 def test_min_p_one_is_greedy(engine):
     """min_p=1.0 keeps only the most probable token: whatever the seed, the text is greedy's."""
-    greedy = engine.complete(req(0, GREEDY)).text
+    greedy = complete(engine, req(0, GREEDY)).text
     only_top = SamplingParams(temperature=1.5, top_p=1.0, top_k=0, min_p=1.0, repeat_penalty=1.0, max_tokens=24)
-    assert {engine.complete(req(seed, only_top)).text for seed in (1, 2, 3)} == {greedy}
+    assert {complete(engine, req(seed, only_top)).text for seed in (1, 2, 3)} == {greedy}
     # ...and min_p below 1 at a high temperature does change it.
     loose = SamplingParams(temperature=1.5, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, max_tokens=24)
-    assert any(engine.complete(req(seed, loose)).text != greedy for seed in (1, 2, 3))
+    assert any(complete(engine, req(seed, loose)).text != greedy for seed in (1, 2, 3))
 
 
 @pytest.mark.model
 def test_max_tokens_and_length(engine):
     # Greedy text is the same for any max_tokens: the short run is the long one cut at 5 tokens
     # (or both ended at the end-of-text, wherever this CPU's logits put it).
-    longer = engine.complete(req(3, GREEDY))
-    out = engine.complete(req(3, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 5})))
+    longer = complete(engine, req(3, GREEDY))
+    out = complete(engine, req(3, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 5})))
     assert out.n_tokens == min(5, longer.n_tokens) and longer.text.startswith(out.text)
     assert out.finish_reason == ("length" if longer.n_tokens >= 5 else "stop")
 
 
 @pytest.mark.model
-def test_complete_many_equals_complete_and_keeps_input_order(engine):
-    """On this CPU build a sequence's logits do not depend on what else is in the batch (checked
-    bit-for-bit in test_batch_composition_does_not_change_logits_on_cpu), so the batched results
-    equal the one-at-a-time ones. GPU builds are not bit-reproducible (docs/design.md#llama-cpp-traps)."""
+def test_calls_decoded_together_keep_input_order_and_are_deterministic(engine):
+    """Many calls in one step loop: results in input order, the same on a rerun. They are not
+    compared with one-at-a-time calls: KV cells are placed differently, and on a quantized
+    model that changes the attention's summation order, so a sampled token may differ."""
     reqs = [req(s) for s in range(4)] + [req(7, prompt="masterpiece, 1boy"), req(9, GREEDY, "a cat sitting")]
-    many = engine.complete_many(reqs)
-    assert [c.text for c in many] == [engine.complete(r).text for r in reqs]
+    many = complete_many(engine, reqs)
+    assert [c.n_prompt_tokens for c in many] == [len(engine.tokenize(r.prompt)) for r in reqs]
+    assert [c.text for c in complete_many(engine, reqs)] == [c.text for c in many]
     assert len({c.text for c in many[:4]}) > 1
 
 
 @pytest.mark.model
 def test_identical_prompts_are_decoded_once(engine):
-    """The shared prompt is prefilled once (then llama_memory_seq_cp), and every step is one
-    llama_decode. Checked with our counters and with llama.cpp's own token counters."""
+    """The shared prompt is prefilled once (the others fork it, re-feeding its last token for
+    fresh logits), and every step is one llama_decode. Checked with the step loop's counters, our
+    engine counters and llama.cpp's own token counters."""
     ll = eng._llama()
     n_prompt = len(engine.tokenize(PROMPT))
     before = eng.DecodeCounters(engine.counters.decode_calls, engine.counters.tokens)
     ll.llama_perf_context_reset(engine._ctx)
-    outs = engine.complete_many([req(s) for s in range(6)])
+    outs, stats = run_calls(engine, [req(s) for s in range(6)])
     decoded = [c.n_tokens - (c.finish_reason == "length") for c in outs]  # the last token needs no decode
     tokens = engine.counters.tokens - before.tokens
-    assert tokens == n_prompt + sum(decoded)  # not 6 * n_prompt
-    assert engine.counters.decode_calls - before.decode_calls == 1 + max(decoded)
+    assert tokens == stats.tokens_decoded == 6 * n_prompt - stats.prompt_tokens_shared + sum(decoded)
+    assert stats.prompt_tokens_shared == 5 * (n_prompt - 1)  # not 6 prefills
+    assert engine.counters.decode_calls - before.decode_calls == stats.steps
     perf = ll.llama_perf_context(engine._ctx)
     # llama.cpp's side; llama_perf_context reports max(1, n) per counter, hence the +1 slack.
     assert tokens <= perf.n_p_eval + perf.n_eval <= tokens + 1
@@ -258,25 +262,25 @@ def test_continuous_batching_beyond_n_seq_max(model_path):
     """More requests than slots: each finished sequence's slot is reused and late requests share
     the prompt of a live sequence (fork of all but the last prompt token, which is re-fed).
 
-    Texts are not compared with complete(): once freed cells are reused the attention sums in
-    another order and the quantized model's logits move (see Engine.complete_many); the run is
-    deterministic, and the token accounting proves what was decoded."""
+    Texts are not compared with one-at-a-time calls: once freed cells are reused the attention
+    sums in another order and the quantized model's logits move; the run is deterministic, and
+    the token accounting proves what was decoded."""
     with Engine(model_path, n_ctx=1024, n_seq_max=2) as small:
         reqs = [req(s, SamplingParams(**{**SAMPLED.to_dict(), "max_tokens": 6 + 3 * s})) for s in range(5)]
         reqs.append(req(11, prompt="a different prompt"))
-        first = small.complete_many(reqs)
-        before = (small.counters.tokens, small.counters.shared_prompt_tokens)
-        again = small.complete_many(reqs)
+        first = complete_many(small, reqs)
+        before = small.counters.tokens
+        again, stats = run_calls(small, reqs)
         assert [c.text for c in again] == [c.text for c in first]
         assert all(0 < c.n_tokens <= r.params.max_tokens for c, r in zip(again, reqs))
-        tokens, shared = (small.counters.tokens - before[0], small.counters.shared_prompt_tokens - before[1])
+        tokens, shared = small.counters.tokens - before, stats.prompt_tokens_shared
         decoded = sum(c.n_tokens - (c.finish_reason == "length") for c in again)
         assert tokens == decoded + sum(c.n_prompt_tokens for c in again) - shared
         n_prompt = again[0].n_prompt_tokens
-        assert shared >= n_prompt  # at least request 1 joined request 0 at its prompt's tip
+        assert shared >= n_prompt - 1  # at least request 1 joined request 0 (all but its last prompt token)
         # Each request still starts from the prompt's own logits: first tokens match complete().
         greedy = [req(s, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 1})) for s in range(4)]
-        assert {c.text for c in small.complete_many(greedy)} == {small.complete(greedy[0]).text}
+        assert {c.text for c in complete_many(small, greedy)} == {complete(small, greedy[0]).text}
         assert eng.live_sampler_count() == 0
 
 
@@ -285,7 +289,7 @@ def test_kv_budget_queues_requests_instead_of_failing(model_path):
     """Requests whose combined budgets exceed the cells wait for a slot rather than hitting rc 1."""
     with Engine(model_path, n_ctx=256, n_seq_max=8) as small:
         params = SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 100})
-        outs = small.complete_many([req(0, params, f"prompt number {i}:") for i in range(6)])
+        outs = complete_many(small, [req(0, params, f"prompt number {i}:") for i in range(6)])
         assert all(c.n_tokens > 0 for c in outs)
 
 
@@ -296,30 +300,30 @@ def test_validation_raises_instead_of_aborting(engine, model_path):
     with pytest.raises(UsageError):
         Engine(model_path, n_seq_max=0)
     with pytest.raises(UsageError, match="max_tokens"):
-        engine.complete(req(1, SamplingParams(**{**SAMPLED.to_dict(), "max_tokens": 0})))
+        complete(engine, req(1, SamplingParams(**{**SAMPLED.to_dict(), "max_tokens": 0})))
     with pytest.raises(UsageError, match="seed"):
-        engine.complete(req(2**32 - 1))
+        complete(engine, req(2**32 - 1))
     with pytest.raises(UsageError, match="empty"):
-        engine.complete(req(1, prompt=""))
+        complete(engine, req(1, prompt=""))
     with pytest.raises(EngineError, match="prompt is 1024 tokens"):
-        engine.complete(req(1, prompt=" a" * 1024))
+        complete(engine, req(1, prompt=" a" * 1024))
     with pytest.raises(UsageError):
-        engine.complete_many([req(1), req(1, SamplingParams(**{**SAMPLED.to_dict(), "top_p": 0.0}))])
-    assert engine.complete(req(1)).n_tokens > 0  # still usable
+        complete_many(engine, [req(1), req(1, SamplingParams(**{**SAMPLED.to_dict(), "top_p": 0.0}))])
+    assert complete(engine, req(1)).n_tokens > 0  # still usable
 
 
 @pytest.mark.model
 def test_long_prompt_stops_at_the_context_end(engine):
     prompt = " a" * 1020
-    out = engine.complete(req(1, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 50}), prompt))
+    out = complete(engine, req(1, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 50}), prompt))
     assert out.n_prompt_tokens + out.n_tokens <= engine.n_ctx
     assert out.finish_reason == "length" or out.n_prompt_tokens + out.n_tokens < engine.n_ctx
 
 
 @pytest.mark.model
-def test_complete_shares_the_one_branch_decoder(engine):
-    """branches() is the engine's one decoder (its sequences all live in the one context);
-    complete() takes ids from its pool and leaves other users' sequences alone."""
+def test_calls_share_the_one_branch_decoder(engine):
+    """branches() is the engine's one decoder (its sequences all live in the one context); the
+    step loop takes ids from its pool and leaves other users' sequences alone."""
     from kgen_cli import tree
 
     assert eng.BranchPoolExhausted is tree.BranchPoolExhausted and eng.Sampled is tree.Sampled
@@ -327,8 +331,8 @@ def test_complete_shares_the_one_branch_decoder(engine):
         assert engine.branches() is bd
         held = bd.start(engine.tokenize("kept across calls"))
         before = bd.length(held)
-        assert engine.complete(req(1)).n_tokens > 0
-        assert engine.complete_many([req(2), req(3)])[1].n_tokens > 0
+        assert complete(engine, req(1)).n_tokens > 0
+        assert complete_many(engine, [req(2), req(3)])[1].n_tokens > 0
         assert bd.live == [held] and bd.length(held) == before
         assert not bd.has_logits(held)  # those decodes overwrote its logits row
     assert engine.branches() is not bd  # closed: the next call makes a fresh one
@@ -341,9 +345,9 @@ def test_an_error_mid_generation_releases_everything(engine):
         raise RuntimeError("consumer failed")
 
     with pytest.raises(RuntimeError, match="consumer failed"):
-        engine.complete(req(1), on_text=boom)
+        complete(engine, req(1), on_text=boom)
     assert eng.live_sampler_count() == 0 and engine.branches().live == []
-    assert engine.complete(req(1)).n_tokens > 0
+    assert complete(engine, req(1)).n_tokens > 0
 
 
 @pytest.mark.model
@@ -356,20 +360,20 @@ def test_close_is_idempotent_and_final(model_path):
     e.close()
     assert s.closed and eng.live_sampler_count() == 0
     with pytest.raises(EngineError, match="closed"):
-        e.complete(req(1))
+        complete(e, req(1))
     with pytest.raises(EngineError, match="closed"):
         bd.start([1])
 
 
 @pytest.mark.model
 def test_many_calls_do_not_leak(engine):
-    """300 complete() calls: native samplers all freed, KV emptied, RSS flat after warm-up."""
+    """300 model calls: native samplers all freed, KV emptied, RSS flat after warm-up."""
     params = SamplingParams(**{**SAMPLED.to_dict(), "max_tokens": 2})
     for seed in range(20):
-        engine.complete(req(seed, params))
+        complete(engine, req(seed, params))
     base = rss_bytes()
     for seed in range(300):
-        engine.complete(req(seed, params))
+        complete(engine, req(seed, params))
     assert eng.live_sampler_count() == 0
     assert engine._ll.llama_memory_seq_pos_max(engine._mem, 0) == -1
     assert rss_bytes() - base < 16 * 2**20
@@ -378,7 +382,7 @@ def test_many_calls_do_not_leak(engine):
 @pytest.mark.model
 def test_verbose_false_is_silent(model_path, capfd):
     with Engine(model_path, n_ctx=256) as e:
-        e.complete(req(1, SamplingParams(**{**SAMPLED.to_dict(), "max_tokens": 2})))
+        complete(e, req(1, SamplingParams(**{**SAMPLED.to_dict(), "max_tokens": 2})))
     assert capfd.readouterr().err == ""
 
 
@@ -548,18 +552,8 @@ def test_batch_composition_does_not_change_logits_on_cpu(engine):
 
 
 # ---------------------------------------------------------------------------------------------
-# Streaming text and quantization
+# Quantization
 # ---------------------------------------------------------------------------------------------
-
-
-def test_text_stream_holds_back_split_multibyte_characters():
-    seen: list[str] = []
-    stream = eng._TextStream(seen.append)
-    data = "日本, 🎉".encode()
-    for i in range(len(data)):
-        stream.push(data[i : i + 1])
-    assert stream.close() == "日本, 🎉"
-    assert "".join(seen) == "日本, 🎉" and all("\ufffd" not in s for s in seen)
 
 
 def test_quantize_rejects_unknown_type_without_loading(tmp_path):
@@ -577,7 +571,7 @@ def test_quantize_model(model_path, tmp_path):
     assert gguf_metadata(dst)["general.file_type"] == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
     assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]  # no temp file left
     with Engine(dst, n_ctx=256) as e:
-        assert e.complete(req(1, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 4}))).n_tokens > 0
+        assert complete(e, req(1, SamplingParams(**{**GREEDY.to_dict(), "max_tokens": 4}))).n_tokens > 0
 
 
 # -- signals during a load -------------------------------------------------------------------------

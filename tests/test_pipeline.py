@@ -11,7 +11,8 @@ from kgen_cli import pipeline
 from kgen_cli.errors import UsageError
 from kgen_cli.formats.bans import BanList
 from kgen_cli.formats.templates import PRESETS
-from kgen_cli.pipeline import ExpandRequest, drive, first_prompt, run_expand, validate
+from engine_calls import drive  # tests/ is on sys.path
+from kgen_cli.pipeline import ExpandRequest, first_prompt, run_expand, validate
 from kgen_cli.sampling import FAMILY_DEFAULTS, Completion, CompletionRequest, derive_seed
 
 T1 = "1girl, hatsune miku, vocaloid, ask \\(askzy\\), solo, twintails, masterpiece, absurdres, sensitive"

@@ -66,7 +66,7 @@ def test_packaged_registry_inside_an_installed_package_wins(tmp_path):
     root = Path(__file__).resolve().parent.parent
     package = tmp_path / "site" / "kgen_cli"
     package.mkdir(parents=True)
-    for module in ("__init__.py", "errors.py", "paths.py", "quant.py", "registry.py"):
+    for module in ("__init__.py", "errors.py", "families.py", "paths.py", "quant.py", "registry.py", "sampling.py"):
         shutil.copy(root / "kgen_cli" / module, package / module)
     shutil.copy(root / "models.yaml", package / "models.yaml")
     code = "from kgen_cli.registry import packaged_registry, load_registry; print(packaged_registry()[0]); print(len(load_registry()))"

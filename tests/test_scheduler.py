@@ -188,3 +188,16 @@ def test_a_first_call_longer_than_the_window_is_the_jobs_error():
     sched = Scheduler(FakeDecoder(), tokenize, n_ctx=4096, window=50)
     sched.run([(0, job(["x" * 100], 0, []))], lambda k, v, e: results.__setitem__(k, (v, e)))
     assert "longer than the context (50); raise --context-length" in str(results[0][1])
+
+
+def test_streamed_text_holds_back_split_multibyte_characters():
+    """A token's piece may end inside a UTF-8 character: the stream waits for the rest."""
+    import types
+
+    seen: list[str] = []
+    scheduler = Scheduler(FakeDecoder(4), lambda _text: [1], n_ctx=64, on_piece=lambda _key, text: seen.append(text))
+    call = types.SimpleNamespace(key=0)
+    data = "日本, 🎉".encode()
+    for i in range(len(data)):
+        scheduler._stream(call, data[i : i + 1])
+    assert "".join(seen) == "日本, 🎉" and all("\ufffd" not in s for s in seen)

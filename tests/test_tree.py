@@ -9,7 +9,6 @@ import pytest
 
 import kgen_cli.tree as tree
 from kgen_cli.errors import EngineError
-from kgen_cli.sampling import TREE_DEFAULTS
 from kgen_cli.tree import (
     BranchPoolExhausted,
     Sampled,
@@ -23,7 +22,7 @@ from kgen_cli.tree import (
     widening_alpha,
 )
 
-from fake_decoder import EOG, SEP, FakeDecoder, FakeModel, make_prompt  # tests/ is on sys.path
+from fake_decoder import EOG, SEP, TREE_DEFAULTS, FakeDecoder, FakeModel, make_prompt  # tests/ is on sys.path
 
 PROMPT = make_prompt()
 SHORT = FakeModel(tags=10, tags_spread=3)  # ~3 segments per variant: quick large runs

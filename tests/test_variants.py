@@ -25,7 +25,8 @@ import pytest
 from kgen_cli import runner
 from kgen_main import THREADS, run_main
 from kgen_cli.batchio import one_line
-from kgen_cli.pipeline import drive, run_expand
+from engine_calls import drive  # tests/ is on sys.path
+from kgen_cli.pipeline import run_expand
 from kgen_cli.sampling import Completion, derive_seed
 
 PROMPT = "1girl, dragon horns"

@@ -26,11 +26,6 @@ class Level(str, Enum):
     very_long = "very_long"
 
 
-class Family(str, Enum):
-    tipo = "tipo"
-    dtg = "dtg"
-
-
 class SamplerKind(str, Enum):
     tgts = "tgts"
     independent = "independent"
@@ -42,8 +37,9 @@ ModelOpt = Annotated[
                  help="Registry name (kgen models list) or path to a local .gguf. \\[default: the registry's default]"),
 ]
 FamilyOpt = Annotated[
-    Optional[Family],
-    typer.Option("--family", rich_help_panel=ENGINE, help="Prompt format for the model: tipo or dtg (needed for an unknown local .gguf)."),
+    Optional[str],
+    typer.Option("--family", rich_help_panel=ENGINE, metavar="[tipo|dtg]",
+                 help="Prompt format for the model: tipo, dtg, or a family a plugin registered (needed for an unknown local .gguf)."),
 ]
 GpuLayersOpt = Annotated[
     str,

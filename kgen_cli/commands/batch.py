@@ -117,7 +117,7 @@ def batch(
         require_open("stdout", hint="write the results to a file with -o FILE")
     if input == "-":
         require_open("stdin")
-    spec = registry_spec_only(model, family.value if family else None)
+    spec = registry_spec_only(model, family)
     options = kgen.GenerationOptions(
         nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
         aspect_ratio=aspect_ratio, ban=ban, retries=retries, format=format_, escape_parens=escape_parens,

@@ -105,7 +105,7 @@ def expand(
 
     require_open("stdout")  # before the model: every result goes there
     text = read_prompt(prompt, nl=nl)
-    spec_model = registry_spec_only(model, family.value if family else None)
+    spec_model = registry_spec_only(model, family)
     options = kgen.GenerationOptions(
         nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
         aspect_ratio=aspect_ratio, ban=ban, retries=retries, format=format_, escape_parens=escape_parens,
