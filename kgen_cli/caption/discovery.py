@@ -167,7 +167,9 @@ def image_data_uri(path: Path, max_side: int = VISION_MAX_SIDE) -> str:
             frame = im.convert("RGB")
     except ItemError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ItemError(f"over Pillow's decompression-bomb limit ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ItemError(f"cannot decode the image ({exc})") from None
     frame.thumbnail((max_side, max_side))
     out = io.BytesIO()
