@@ -86,13 +86,14 @@ class RunStats:
     summaries_failed: int = 0
     no_wiki_page: int = 0
 
-    def summary(self) -> str:
-        text = f"{self.written} captioned, {self.skipped} skipped, {self.failed} failed of {self.images} images"
-        if self.described_cached or self.summarised or self.no_wiki_page:
-            text += (f"; tag descriptions: {self.described_cached} cached, {self.summarised} summarised"
-                     f"{f' ({self.summaries_failed} failed)' if self.summaries_failed else ''}, "
-                     f"{self.no_wiki_page} without a wiki page")
-        return text
+    def summary(self, *, describe_only: bool = False) -> str:
+        parts = [] if describe_only else [
+            f"{self.written} captioned, {self.skipped} skipped, {self.failed} failed of {self.images} images"]
+        if describe_only or self.described_cached or self.summarised or self.no_wiki_page:
+            parts.append(f"tag descriptions: {self.described_cached} cached, {self.summarised} summarised"
+                         f"{f' ({self.summaries_failed} failed)' if self.summaries_failed else ''}, "
+                         f"{self.no_wiki_page} without a wiki page")
+        return "; ".join(parts)
 
 
 class FailFast(StopRequested):

@@ -209,7 +209,7 @@ def caption(
             report.close()
     if not quiet:
         elapsed = time.perf_counter() - started
-        info(f"{stats.summary()} in {elapsed:.1f}s")
+        info(f"{stats.summary(describe_only=describe_only)} in {elapsed:.1f}s")
     if stats.failed:
         raise typer.Exit(1)
 
