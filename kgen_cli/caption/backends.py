@@ -86,7 +86,9 @@ class LocalBackend:
                  share_prefix: int = 0):  # fmt: skip
         self.engine, self.model_name, self.parallel = engine, model_name, parallel
         self.chat_template, self.share_prefix = chat_template, share_prefix
-        self.stats = None
+        from kgen_cli.scheduler import SchedulerStats
+
+        self.stats = SchedulerStats()  # summed over every run (descriptions, then captions)
 
     def prompt(self, call: ChatCall) -> str:
         from kgen_cli.engine import apply_chat_template
@@ -121,8 +123,11 @@ class LocalBackend:
         scheduler = Scheduler(_CheckedDecoder(engine.branches(), check), tokenizer(engine), n_ctx=engine.n_ctx,
                               parallel=min(self.parallel, engine.n_seq_max), window=engine.window,
                               share_prefix=self.share_prefix if engine.kv_unified else 0)
-        scheduler.run(((key, self._adapt(_guarded(job))) for key, job in jobs), on_result)
-        self.stats = scheduler.stats
+        try:
+            scheduler.run(((key, self._adapt(_guarded(job))) for key, job in jobs), on_result)
+        finally:
+            for name, value in vars(scheduler.stats).items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
 
 
 # -- an OpenAI-compatible server -----------------------------------------------------------------

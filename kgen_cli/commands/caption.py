@@ -207,6 +207,10 @@ def caption(
             cache.close()
         if report is not None:
             report.close()
+    if verbose and getattr(gen, "stats", None) is not None:
+        s = gen.stats
+        info(f"scheduler: {s.steps} decode steps, {s.tokens_decoded} tokens decoded, "
+             f"{s.generated_tokens} tokens generated")
     if not quiet:
         elapsed = time.perf_counter() - started
         info(f"{stats.summary(describe_only=describe_only)} in {elapsed:.1f}s")
