@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable
 
 from kgen_cli.errors import KgenError, StopRequested
-from kgen_cli.sampling import Completion, CompletionRequest, SamplingParams
+from kgen_cli.sampling import FAMILY_DEFAULTS, CompletionRequest, SamplingParams
 
 OnResult = Callable[[Hashable, Any, "BaseException | None"], None]
+TIPO_DEFAULTS = FAMILY_DEFAULTS["tipo"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,34 @@ class LocalBackend:
         finally:
             for name, value in vars(scheduler.stats).items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
+
+
+class TipoBackend:
+    """TIPO captions: each request (a mapping of expand fields: tags, seed, expand_tags,
+    nl_length, aspect_ratio, format, temperature, max_tokens) is one expand job, all of them
+    batched on the local engine; `on_result` receives each one's ExpandResult."""
+
+    def __init__(self, local: LocalBackend):
+        self.local, self.engine, self.model_name = local, local.engine, local.model_name
+
+    @property
+    def stats(self):
+        return self.local.stats
+
+    def expand(self, requests: Iterable[tuple[Hashable, dict]], on_result: OnResult,
+               check: Callable[[], None] | None = None) -> None:  # fmt: skip
+        from kgen_cli.formats.templates import resolve_format
+        from kgen_cli.pipeline import ExpandRequest, run_expand
+
+        def jobs():
+            for key, r in requests:
+                params = TIPO_DEFAULTS.with_overrides(temperature=r.get("temperature"), max_tokens=r.get("max_tokens"))
+                request = ExpandRequest(tags=r["tags"], family="tipo", expand_tags=r["expand_tags"],
+                                        nl_length=r["nl_length"], aspect_ratio=r["aspect_ratio"],
+                                        template=resolve_format(r["format"]), params=params)
+                yield key, run_expand(request, r["seed"])
+
+        self.local.run(jobs(), on_result, check)
 
 
 # -- an OpenAI-compatible server -----------------------------------------------------------------
@@ -321,7 +350,7 @@ CHAT_CONTEXT_LENGTH = 2048  # one chat call's window: a template with tag descri
 
 def load_tipo(model: str | None, *, parallel: int, max_tokens: int, retries: int | None = None,
               n_ctx: int | None = None, context_length: int | None = None, threads: int | None = None,
-              gpu_layers: int | str = "auto", verbose: bool = False) -> LocalBackend:  # fmt: skip
+              gpu_layers: int | str = "auto", verbose: bool = False) -> TipoBackend:  # fmt: skip
     """The registry's TIPO model (or a local TIPO .gguf) sized as `kgen batch` sizes it."""
     from kgen_cli import batchjobs, runner
     from kgen_cli.registry import resolve_model
@@ -336,7 +365,8 @@ def load_tipo(model: str | None, *, parallel: int, max_tokens: int, retries: int
     engine, _ = runner.open_engine(runner.EngineConfig(
         model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads, verbose=verbose,
         n_seq_max=parallel, context_length=context_length or resolved.n_ctx, kv_unified=unified))
-    return LocalBackend(engine, model_name=resolved.name, parallel=parallel, share_prefix=batchjobs.SHARE_PREFIX)
+    return TipoBackend(LocalBackend(engine, model_name=resolved.name, parallel=parallel,
+                                    share_prefix=batchjobs.SHARE_PREFIX))
 
 
 def load_chat(model: str, *, chat_template: str | None = None, parallel: int, n_ctx: int | None = None,

@@ -61,7 +61,7 @@ class CaptionSettings:
     seed: int = 0
     params: SamplingParams = CHAT_PARAMS
     describe_params: SamplingParams = DESCRIBE_PARAMS
-    tipo_params: SamplingParams | None = None  # None: TIPO's defaults
+    tipo_options: dict = field(default_factory=dict)  # temperature / max_tokens over TIPO's defaults
     nl_length: str = "long"
     vision_model: str | None = None
     fail_fast: bool = False
@@ -219,17 +219,15 @@ class Captioner:
         extra = {"image_description": image_description} if s.vision_model else {}
         return {"prompts": prompts, "caption": caption, **extra}
 
-    def _tipo_job(self, p: Prepared):
-        from kgen_cli.formats.templates import resolve_format
-        from kgen_cli.pipeline import ExpandRequest, run_expand
-
+    def _tipo_request(self, p: Prepared) -> dict:
+        """The expand request of TIPO's tags-to-prose operation alone: the automatic plan with
+        no tag expansion is one `tag_to_long` call whose prompt ends in the empty NL field, so
+        the model writes prose and never adds tags."""
         s = self.settings
         width, height = p.size
-        request = ExpandRequest(tags=", ".join(escape(t, "()[]") for t in p.tags), family="tipo",
-                                nl_length=s.nl_length, aspect_ratio=width / height,
-                                template=resolve_format("nl-only"), params=s.tipo_params, expand_tags=False)
-        result = yield from run_expand(request, derive_seed(s.seed, p.item.index))
-        return {"prompts": [c.prompt for c in result.calls], "caption": clean_text(result.formatted)}
+        return {"tags": ", ".join(escape(t, "()[]") for t in p.tags), "seed": derive_seed(s.seed, p.item.index),
+                "expand_tags": False, "nl_length": s.nl_length, "aspect_ratio": width / height,
+                "format": "nl-only", **s.tipo_options}
 
     def caption(self, todo: list[Prepared], descriptions: dict[str, str] | None = None) -> None:
         s = self.settings
@@ -239,7 +237,11 @@ class Captioner:
         def jobs():
             for p in todo:
                 started[p.item.index] = time.perf_counter()
-                yield p.item.index, (self._tipo_job(p) if s.backend == "tipo" else self._chat_job(p, descriptions or {}))
+                yield p.item.index, (self._tipo_request(p) if s.backend == "tipo" else self._chat_job(p, descriptions or {}))
+
+        def on_expanded(index: int, result: Any, error: BaseException | None) -> None:
+            value = None if error else {"prompts": [c.prompt for c in result.calls], "caption": clean_text(result.formatted)}
+            on_result(index, value, error)
 
         def on_result(index: int, value: dict | None, error: BaseException | None) -> None:
             p = by_index[index]
@@ -261,7 +263,10 @@ class Captioner:
                                     **{k: v for k, v in value.items() if k not in ("prompts", "caption")},
                                     caption=caption, seconds=seconds))
 
-        self.backend.run(jobs(), on_result, self.check)
+        if s.backend == "tipo":
+            self.backend.expand(jobs(), on_expanded, self.check)
+        else:
+            self.backend.run(jobs(), on_result, self.check)
 
     def run(self, items: list[ImageItem], *, describe_only: bool = False) -> RunStats:
         """All stages. `describe_only`: fill the description cache for every image's tags."""

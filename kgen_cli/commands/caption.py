@@ -135,7 +135,8 @@ def caption(
     settings = CaptionSettings(backend=kind, template=template_text, shaping=shaping, caption_ext=caption_ext,
                                out_dir=out_dir, existing=existing, seed=base_seed,
                                params=params if kind != "tipo" else CHAT_PARAMS,
-                               tipo_params=params if kind == "tipo" else None, nl_length=nl_length.value,
+                               tipo_options={"temperature": temperature, "max_tokens": max_tokens}
+                               if kind == "tipo" else {}, nl_length=nl_length.value,
                                vision_model=vision_model, fail_fast=fail_fast)
     if not items:
         if not quiet:
