@@ -47,3 +47,16 @@ def check_output_file(path: Path, what: str) -> None:
     # access() also answers EROFS (a read-only file system) for root, who may write anything else.
     if not os.access(path if path.exists() else parent, os.W_OK):
         raise UsageError(f"cannot write {what} {path}: not writable")
+
+
+def read_text_file(path: Path, what: str, limit: int) -> str:
+    """A small UTF-8 file the user named (a BOM dropped): UsageError when it is unreadable, not
+    UTF-8, or larger than `limit` bytes."""
+    try:
+        if path.stat().st_size > limit:
+            raise UsageError(f"{what} {path} is larger than {limit >> 10} KiB")
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None

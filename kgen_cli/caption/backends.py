@@ -60,6 +60,18 @@ def _guarded(job):
         raise KgenError(f"internal error: {type(exc).__name__}: {exc}") from exc
 
 
+def _relay(job, ask):
+    """Run `job`, each call it yields answered by the generator `ask(call)` (which may yield
+    lower-level requests of its own); returns the job's result."""
+    request = next(job)
+    while True:
+        answer = yield from ask(request)
+        try:
+            request = job.send(answer)
+        except StopIteration as stop:
+            return stop.value
+
+
 # -- llama.cpp in process -------------------------------------------------------------------------
 
 
@@ -101,19 +113,13 @@ class LocalBackend:
                 raise KgenError("a local model takes text only (images need --backend openai --vision-model)")
         return apply_chat_template(self.chat_template, call.messages)
 
-    def _adapt(self, job):
-        """A caption job as the scheduler's job: ChatCall -> CompletionRequest, Completion -> text."""
-        request = next(job)
-        while True:
-            if isinstance(request, ChatCall):
-                completion = yield CompletionRequest(self.prompt(request), request.seed, request.params)
-                answer: Any = completion.text
-            else:
-                answer = yield request
-            try:
-                request = job.send(answer)
-            except StopIteration as stop:
-                return stop.value
+    def _ask(self, request):
+        """One call of a caption job as the scheduler's: ChatCall -> CompletionRequest, answered
+        with the text; a CompletionRequest (TIPO) passes through, answered with the Completion."""
+        if not isinstance(request, ChatCall):
+            return (yield request)
+        completion = yield CompletionRequest(self.prompt(request), request.seed, request.params)
+        return completion.text
 
     def run(self, jobs: Iterable[tuple[Hashable, Any]], on_result: OnResult,
             check: Callable[[], None] | None = None) -> None:  # fmt: skip
@@ -125,7 +131,7 @@ class LocalBackend:
                               parallel=min(self.parallel, engine.n_seq_max), window=engine.window,
                               share_prefix=self.share_prefix if engine.kv_unified else 0)
         try:
-            scheduler.run(((key, self._adapt(_guarded(job))) for key, job in jobs), on_result)
+            scheduler.run(((key, _relay(_guarded(job), self._ask)) for key, job in jobs), on_result)
         finally:
             for name, value in vars(scheduler.stats).items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
@@ -268,17 +274,19 @@ class OpenAIBackend:
 
     # jobs
 
+    def _ask(self, request):
+        """One call over HTTP (a generator that never yields, for `_relay`)."""
+        if not isinstance(request, ChatCall):
+            raise KgenError("the openai backend takes chat calls only")
+        return self.chat(request)
+        yield  # pragma: no cover - makes this a generator
+
     def _drive(self, job) -> Any:
-        answer = None
-        request = next(job)
-        while True:
-            if not isinstance(request, ChatCall):
-                raise KgenError("the openai backend takes chat calls only")
-            answer = self.chat(request)
-            try:
-                request = job.send(answer)
-            except StopIteration as stop:
-                return stop.value
+        try:
+            next(_relay(job, self._ask))
+        except StopIteration as stop:  # the calls never yield: the job runs to its end here
+            return stop.value
+        raise KgenError("internal error: an HTTP call yielded")
 
     def run(self, jobs: Iterable[tuple[Hashable, Any]], on_result: OnResult,
             check: Callable[[], None] | None = None) -> None:  # fmt: skip
@@ -292,8 +300,6 @@ class OpenAIBackend:
                 key, job = item
                 try:
                     done.put((key, self._drive(_guarded(job)), None))
-                except StopIteration as stop:  # a job that made no call
-                    done.put((key, stop.value, None))
                 except KgenError as exc:
                     done.put((key, None, exc))
                 except BaseException as exc:  # a bug: reported in the main thread

@@ -102,14 +102,9 @@ def _scan(folder: Path, recursive: bool):
 
 
 def _read_filelist(path: Path) -> list[Path]:
-    try:
-        if path.stat().st_size > FILELIST_MAX_BYTES:
-            raise UsageError(f"{path} is larger than {FILELIST_MAX_BYTES >> 20} MiB: not a file list")
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a UTF-8 file list") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    from kgen_cli.paths import read_text_file
+
+    text = read_text_file(path, "the file list", FILELIST_MAX_BYTES)
     paths = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()

@@ -59,16 +59,10 @@ _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 def resolve_template(spec: str) -> str:
     """A preset name or `@FILE` (UTF-8, at most 64 KiB) -> the template text, validated."""
     if spec.startswith("@"):
+        from kgen_cli.paths import read_text_file
+
         path = Path(spec[1:]).expanduser()
-        try:
-            if path.stat().st_size > TEMPLATE_MAX_BYTES:
-                raise UsageError(f"template file {path} is larger than {TEMPLATE_MAX_BYTES >> 10} KiB")
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise UsageError(f"template file {path} is not UTF-8") from None
-        except OSError as exc:
-            raise UsageError(f"cannot read template file {path}: {exc.strerror}") from None
-        origin = str(path)
+        text, origin = read_text_file(path, "template file", TEMPLATE_MAX_BYTES), str(path)
     elif spec in PRESETS:
         text, origin = PRESETS[spec], f"preset {spec}"
     else:
