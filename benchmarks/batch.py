@@ -44,8 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-
-
 def make_inputs(n: int) -> list[str]:
     rng = random.Random(0)
     out = []

@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-
 def make_dataset(folder: Path, n: int) -> None:
     from PIL import Image
 
