@@ -316,7 +316,7 @@ def run_captioner(root, backend, records, **settings):
     _, items = find_images(root, recursive=True, tags_ext=".txt")
     cfg = CaptionSettings(backend="chat", template=templates.resolve_template("short-no-description"), seed=100,
                           **settings)
-    captioner = Captioner(cfg, backend, model_name="scripted", on_record=records.append)
+    captioner = Captioner(cfg, lambda: backend, model_name="scripted", on_record=records.append)
     return items, captioner.run(items)
 
 
@@ -338,9 +338,12 @@ def test_one_record_per_image_seeds_in_path_order_and_resume(tmp_path):
     assert "Image tags: 1girl, solo, long hair, blue eyes, smile" in by_name["a.png"]["prompts"][0]
 
     again: list[dict] = []
-    backend2 = ScriptedBackend()
-    run_captioner(tmp_path, backend2, again)
-    assert backend2.calls == []  # nothing asked again
+    _, items = find_images(tmp_path, recursive=True, tags_ext=".txt")
+    cfg = CaptionSettings(backend="chat", template=templates.resolve_template("short-no-description"), seed=100)
+    captioner = Captioner(cfg, lambda: pytest.fail("a rerun with nothing to do opened the model"),
+                          model_name="scripted", on_record=again.append)
+    captioner.run(items)
+    assert captioner.opened is None  # nothing asked again, no model loaded
     assert sorted(r["status"] for r in again) == sorted(["skipped"] * len(GOOD) + ["error"] * len(BAD))
 
 
@@ -380,7 +383,7 @@ def test_descriptions_are_summarised_once_then_read_from_the_cache(tmp_path):
                                   if "wiki entry" in call.messages[0][1] else "a caption")
         _, items = find_images(tmp_path, recursive=True, tags_ext=".txt")
         cfg = CaptionSettings(backend="chat", template=templates.resolve_template("short-no-description"), seed=1)
-        captioner = Captioner(cfg, backend, model_name="m", on_record=records.append, cache=cache,
+        captioner = Captioner(cfg, lambda: backend, model_name="m", on_record=records.append, cache=cache,
                               wiki=lambda wanted: load_wiki(str(wiki_file), wanted))
         captioner.run(items)
         return backend, captioner.stats

@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
 from kgen_cli.errors import KgenError, StopRequested
@@ -375,20 +376,24 @@ def load_tipo(model: str | None, *, parallel: int, max_tokens: int, retries: int
                                     share_prefix=batchjobs.SHARE_PREFIX))
 
 
-def load_chat(model: str, *, chat_template: str | None = None, parallel: int, n_ctx: int | None = None,
-              context_length: int | None = None, threads: int | None = None, gpu_layers: int | str = "auto",
-              verbose: bool = False) -> LocalBackend:  # fmt: skip
-    """A local instruct GGUF, each of the `parallel` sequences in its own KV stream of
-    `context_length` cells (chat prompts share little: each holds its own tags)."""
-    from pathlib import Path
-
-    from kgen_cli import runner
+def chat_model(model: str, chat_template: str | None) -> tuple[Path, str]:
+    """(path, chat template) of a local instruct GGUF, checked without loading it."""
     from kgen_cli.engine import chat_template as template_for
 
     path = Path(model).expanduser()
     if not path.is_file():
         raise KgenError(f"--model {model}: no such file (the chat backend takes a local instruct .gguf)")
-    template = template_for(path, chat_template)  # before the model loads: a one-line error
+    return path, template_for(path, chat_template)
+
+
+def load_chat(path: Path, *, chat_template: str, parallel: int, n_ctx: int | None = None,
+              context_length: int | None = None, threads: int | None = None, gpu_layers: int | str = "auto",
+              verbose: bool = False) -> LocalBackend:  # fmt: skip
+    """A local instruct GGUF (`chat_model`), each of the `parallel` sequences in its own KV
+    stream of `context_length` cells (chat prompts share little: each holds its own tags)."""
+    from kgen_cli import runner
+
+    template = chat_template
     length = context_length or CHAT_CONTEXT_LENGTH
     engine, _ = runner.open_engine(runner.EngineConfig(
         model_path=str(path), n_ctx=n_ctx or parallel * length, gpu_layers=gpu_layers, threads=threads,

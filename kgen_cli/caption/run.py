@@ -101,20 +101,34 @@ class FailFast(StopRequested):
 
 
 class Captioner:
-    """Runs the stages over a backend (`backends.LocalBackend` or `OpenAIBackend`).
+    """Runs the stages over a backend (`backends.TipoBackend`, `LocalBackend` or `OpenAIBackend`),
+    opened by `open_backend()` only once there is a model call to make (a rerun with every
+    caption written loads no model).
 
     `on_record(record)` sees every image's record once, in the calling thread. `check()` runs
     between model steps and may raise StopRequested (signals) to stop: captions finished so far
     are on disk, no file is half-written. `wiki(wanted_tag_keys)` loads the pages; `cache`
     stores summaries under `model_name`."""
 
-    def __init__(self, settings: CaptionSettings, backend: Any, *, model_name: str,
+    def __init__(self, settings: CaptionSettings, open_backend: Callable[[], Any], *, model_name: str,
                  on_record: Callable[[dict], None], check: Callable[[], None] | None = None,
                  wiki: Callable[[set[str]], WikiTable] | None = None, cache: DescriptionCache | None = None):  # fmt: skip
-        self.settings, self.backend, self.model_name = settings, backend, model_name
+        self.settings, self.open_backend, self.model_name = settings, open_backend, model_name
+        self._backend = None
         self.on_record, self.check, self.wiki, self.cache = on_record, check, wiki, cache
         self.stats = RunStats()
         self.uses = templates.variables(settings.template) if settings.template else set()
+
+    @property
+    def backend(self) -> Any:
+        if self._backend is None:
+            self._backend = self.open_backend()
+        return self._backend
+
+    @property
+    def opened(self) -> Any:
+        """The backend, if it was opened (None otherwise)."""
+        return self._backend
 
     # records
 

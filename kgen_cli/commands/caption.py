@@ -145,20 +145,30 @@ def caption(
 
     engine_options = dict(parallel=parallel, n_ctx=n_ctx, context_length=context_length, threads=threads,
                           gpu_layers=layers, verbose=verbose)
+    from kgen_cli.caption import backends
+
     if kind == "openai":
-        from kgen_cli.caption.backends import OpenAIBackend
+        model_name = f"openai:{api_model}"
 
-        key = os.environ.get(api_key_env) or None
-        gen = OpenAIBackend(base_url, api_model, api_key=key, parallel=parallel, timeout=timeout, retries=max_retries)
-        gen.check_server([api_model] + ([vision_model] if vision_model else []))
+        def open_backend():
+            key = os.environ.get(api_key_env) or None
+            gen = backends.OpenAIBackend(base_url, api_model, api_key=key, parallel=parallel, timeout=timeout,
+                                         retries=max_retries)
+            gen.check_server([api_model] + ([vision_model] if vision_model else []))
+            return gen
     elif kind == "chat":
-        from kgen_cli.caption.backends import load_chat
+        path, template_name = backends.chat_model(model, chat_template)  # checked before any image is read
+        model_name = path.name
 
-        gen = load_chat(model, chat_template=chat_template, **engine_options)
+        def open_backend():
+            return backends.load_chat(path, chat_template=template_name, **engine_options)
     else:
-        from kgen_cli.caption.backends import load_tipo
+        from kgen_cli.registry import registry_spec_only
 
-        gen = load_tipo(model, max_tokens=params.max_tokens, **engine_options)
+        model_name = registry_spec_only(model, "tipo").name
+
+        def open_backend():
+            return backends.load_tipo(model, max_tokens=params.max_tokens, **engine_options)
 
     cache = None
     loader = None
@@ -169,11 +179,12 @@ def caption(
         cache = DescriptionCache(kgen_home() / CACHE_FILE)
         loader = lambda wanted: load_wiki(wiki, wanted, quiet=quiet)  # noqa: E731
     if verbose:
-        info(f"{len(items)} images in {root}; backend {kind}, model {gen.model_name}, base seed {base_seed}, "
+        info(f"{len(items)} images in {root}; backend {kind}, model {model_name}, base seed {base_seed}, "
              f"{parallel} in flight")
     report = open(output, "w", encoding="utf-8", newline="\n") if output is not None else None
     stop = SignalStop()
     started = time.perf_counter()
+    captioner = None
     try:
         with stop.installed(), _progress(quiet, len(items)) as progress:
             def on_record(record: dict) -> None:
@@ -187,8 +198,8 @@ def caption(
                     info(f"{record['image']}: {record['error']}")
                 progress()
 
-            captioner = Captioner(settings, gen, model_name=gen.model_name, on_record=on_record, check=stop.check,
-                                  wiki=loader, cache=cache)
+            captioner = Captioner(settings, open_backend, model_name=model_name, on_record=on_record,
+                                  check=stop.check, wiki=loader, cache=cache)
             try:
                 stats = captioner.run(items, describe_only=describe_only)
                 stop.check()
@@ -201,14 +212,14 @@ def caption(
             except FailFast as exc:
                 raise KgenError(str(exc)) from None
     finally:
-        engine = getattr(gen, "engine", None)
-        if engine is not None:
-            engine.close()
+        gen = captioner.opened if captioner is not None else None
+        if getattr(gen, "engine", None) is not None:
+            gen.engine.close()
         if cache is not None:
             cache.close()
         if report is not None:
             report.close()
-    if verbose and getattr(gen, "stats", None) is not None:
+    if verbose and getattr(gen, "stats", None) is not None:  # the local scheduler's figures
         s = gen.stats
         info(f"scheduler: {s.steps} decode steps, {s.tokens_decoded} tokens decoded, "
              f"{s.generated_tokens} tokens generated")
