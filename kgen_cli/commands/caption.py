@@ -147,15 +147,14 @@ def caption(
                           gpu_layers=layers, verbose=verbose)
     from kgen_cli.caption import backends
 
-    if kind == "openai":
-        model_name = f"openai:{api_model}"
+    if kind == "openai":  # a server costs nothing to open: checked at once, before any image
+        server = backends.OpenAIBackend(base_url, api_model, api_key=os.environ.get(api_key_env) or None,
+                                        parallel=parallel, timeout=timeout, retries=max_retries)
+        server.check_server([api_model] + ([vision_model] if vision_model else []))
+        model_name = server.model_name
 
         def open_backend():
-            key = os.environ.get(api_key_env) or None
-            gen = backends.OpenAIBackend(base_url, api_model, api_key=key, parallel=parallel, timeout=timeout,
-                                         retries=max_retries)
-            gen.check_server([api_model] + ([vision_model] if vision_model else []))
-            return gen
+            return server
     elif kind == "chat":
         path, template_name = backends.chat_model(model, chat_template)  # checked before any image is read
         model_name = path.name
