@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from caption_data import BAD, GOOD, good_images, huge_png_header, make_dataset
+from caption_data import BAD, GOOD, huge_png_header, make_dataset
 from kgen_cli.caption import templates
 from kgen_cli.caption.backends import ChatCall
 from kgen_cli.caption.discovery import ItemError, find_images, image_data_uri, image_size, read_tags
@@ -348,18 +348,17 @@ def test_one_record_per_image_seeds_in_path_order_and_resume(tmp_path):
 
 
 def test_an_empty_answer_or_unwritable_folder_fails_that_image_only(tmp_path):
-    make_dataset(tmp_path, bad=False)
+    root = make_dataset(tmp_path / "ds", bad=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where the captions' folder should be")  # unwritable, even for root
     records: list[dict] = []
     backend = ScriptedBackend(lambda call: "" if "cat" in call.messages[0][1] else "fine")
-    (tmp_path / "sub").chmod(0o555)
-    try:
-        run_captioner(tmp_path, backend, records)
-    finally:
-        (tmp_path / "sub").chmod(0o755)
+    run_captioner(root, backend, records, out_dir=out)
     errors = {Path(r["image"]).name: r["error"] for r in records if r["status"] == "error"}
-    assert errors["c.webp"] == "the model wrote no caption"
-    if os.geteuid() != 0:  # root writes anywhere
-        assert "cannot write" in errors["e.gif"] and "cannot write" in errors["f.JPEG"]
+    assert errors.pop("c.webp") == "the model wrote no caption"
+    assert sorted(errors) == ["e.gif", "f.JPEG"] and all("cannot write" in e for e in errors.values())
+    assert sorted(p.name for p in out.iterdir()) == ["a.caption", "b.caption", "d.caption", "sub"]
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
