@@ -159,6 +159,8 @@ class Captioner:
         self.stats.images += len(items)
         todo = []
         for item in items:
+            if self.check is not None:
+                self.check()  # a signal while reading many headers stops here
             out = None
             try:
                 out = caption_path(item, s.caption_ext, s.out_dir)
