@@ -378,3 +378,17 @@ def test_wiki_descriptions_are_cached_across_runs(recorder, isolated_home, tmp_p
     assert only.returncode == 0 and not list(root.rglob("*.caption"))
     assert len(server.requests) == 0  # sub/ has no tag with a wiki page; the rest is cached
     assert only.stderr.startswith("tag descriptions: 4 cached, 0 summarised")
+
+
+def test_progress_on_a_terminal_only_and_quiet_silences_it(recorder, isolated_home, tmp_path):
+    from test_batch import run_with_stderr_tty
+
+    root = make_dataset(tmp_path / "ds", bad=False)
+    server = recorder()
+    argv = [sys.executable, "-m", "kgen_cli", "caption", str(root), "-r", "--backend", "openai", "--base-url",
+            server.url, "--api-model", "chat-model", "--existing", "overwrite"]
+    rc, out, tty = run_with_stderr_tty(argv, isolated_home, timeout=60)
+    assert rc == 0 and out == b""
+    assert b"captioning" in tty and b"captions/s" in tty and f"/{len(GOOD)}".encode() in tty
+    rc, out, tty = run_with_stderr_tty(argv + ["-q"], isolated_home, timeout=60)
+    assert rc == 0 and out == b"" and tty == b""
