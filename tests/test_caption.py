@@ -18,7 +18,7 @@ from kgen_cli.caption.discovery import ItemError, find_images, image_data_uri, i
 from kgen_cli.caption.output import Existing, check_policy, write_caption
 from kgen_cli.caption.run import CaptionSettings, Captioner, FailFast, clean_text
 from kgen_cli.caption.shaping import TagShaping, parse_replacements
-from kgen_cli.caption.wiki import DescriptionCache, load_wiki, strip_dtext
+from kgen_cli.caption.wiki import DescriptionCache, open_wiki, strip_dtext
 from kgen_cli.errors import KgenError, UsageError
 from kgen_main import run_main
 
@@ -167,6 +167,8 @@ def test_unknown_template_variable_exits_2_before_any_model(tmp_path):
     (["--backend", "chat"], "needs --model"),
     (["--backend", "openai"], "needs --api-model"),
     (["--wiki", "w.jsonl"], "--wiki is for --backend chat or openai"),
+    (["--backend", "chat", "-m", "x.gguf", "--wiki", "missing.jsonl"], "--wiki missing.jsonl: no such file"),
+    (["--backend", "chat", "-m", "x.gguf", "--wiki", "hf:nowhere"], "expected hf:OWNER/NAME"),
     (["--backend", "chat", "-m", "x.gguf", "--vision-model", "v"], "needs --backend openai"),
     (["--caption-ext", ".txt"], "needs --existing overwrite"),
     (["--caption-ext", "png"], "--caption-ext must be a file extension"),
@@ -207,8 +209,8 @@ def test_wiki_tables_load_only_the_wanted_tags(tmp_path, fmt):
         import pyarrow as pa
 
         pq.write_table(pa.Table.from_pylist(rows), path)
-    table = load_wiki(str(path), {"long hair", "smile", "absent"})
-    assert table.pages == {"long hair": "Hair that is long.", "smile": "A smile"}
+    table = open_wiki(str(path))
+    assert table.pages({"long hair", "smile", "absent"}) == {"long hair": "Hair that is long.", "smile": "A smile"}
     assert table.revision.startswith("sha256:")
 
 
@@ -222,7 +224,7 @@ def test_hub_wiki_offline_without_cache_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(wiki, "snapshot_download", offline_miss)
     monkeypatch.setattr("kgen_cli.download.is_offline", lambda: True)
     with pytest.raises(KgenError, match="not in the cache and HF_HUB_OFFLINE is set"):
-        load_wiki("hf:isek-ai/danbooru-wiki-2024", {"smile"})
+        open_wiki("hf:isek-ai/danbooru-wiki-2024")
 
 
 def test_hub_wiki_revision_is_the_snapshot_commit(tmp_path, monkeypatch):
@@ -232,8 +234,8 @@ def test_hub_wiki_revision_is_the_snapshot_commit(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     (snap / "data.jsonl").write_text(json.dumps({"tag": "smile", "body": "A smile."}) + "\n")
     monkeypatch.setattr(wiki, "snapshot_download", lambda **kw: str(snap))
-    table = load_wiki("hf:isek-ai/danbooru-wiki-2024@202408", {"smile"})
-    assert table.revision == "hf:isek-ai/danbooru-wiki-2024@abc123" and table.pages == {"smile": "A smile."}
+    table = open_wiki("hf:isek-ai/danbooru-wiki-2024@202408")
+    assert table.revision == "hf:isek-ai/danbooru-wiki-2024@abc123" and table.pages({"smile"}) == {"smile": "A smile."}
 
 
 def test_cache_is_shared_safely_by_concurrent_writers(tmp_path):
@@ -383,7 +385,7 @@ def test_descriptions_are_summarised_once_then_read_from_the_cache(tmp_path):
         _, items = find_images(tmp_path, recursive=True, tags_ext=".txt")
         cfg = CaptionSettings(backend="chat", template=templates.resolve_template("short-no-description"), seed=1)
         captioner = Captioner(cfg, lambda: backend, model_name="m", on_record=records.append, cache=cache,
-                              wiki=lambda wanted: load_wiki(str(wiki_file), wanted))
+                              wiki=lambda: open_wiki(str(wiki_file)))
         captioner.run(items)
         return backend, captioner.stats
 

@@ -24,7 +24,7 @@ from kgen_cli.caption.backends import ChatCall
 from kgen_cli.caption.discovery import ImageItem, image_data_uri, image_size, read_tags
 from kgen_cli.caption.output import Existing, caption_path, pending, write_caption
 from kgen_cli.caption.shaping import TagShaping
-from kgen_cli.caption.wiki import WIKI_PROMPT_CHARS, DescriptionCache, WikiTable
+from kgen_cli.caption.wiki import WIKI_PROMPT_CHARS, DescriptionCache, Wiki
 from kgen_cli.errors import KgenError, StopRequested
 from kgen_cli.formats.syntax import escape, tag_key
 from kgen_cli.sampling import SamplingParams, derive_seed
@@ -107,12 +107,12 @@ class Captioner:
 
     `on_record(record)` sees every image's record once, in the calling thread. `check()` runs
     between model steps and may raise StopRequested (signals) to stop: captions finished so far
-    are on disk, no file is half-written. `wiki(wanted_tag_keys)` loads the pages; `cache`
-    stores summaries under `model_name`."""
+    are on disk, no file is half-written. `wiki()` opens the wiki table (when a tag needs it);
+    `cache` stores summaries under `model_name`."""
 
     def __init__(self, settings: CaptionSettings, open_backend: Callable[[], Any], *, model_name: str,
                  on_record: Callable[[dict], None], check: Callable[[], None] | None = None,
-                 wiki: Callable[[set[str]], WikiTable] | None = None, cache: DescriptionCache | None = None):  # fmt: skip
+                 wiki: Callable[[], Wiki] | None = None, cache: DescriptionCache | None = None):  # fmt: skip
         self.settings, self.open_backend, self.model_name = settings, open_backend, model_name
         self._backend = None
         self.on_record, self.check, self.wiki, self.cache = on_record, check, wiki, cache
@@ -186,18 +186,19 @@ class Captioner:
         display: dict[str, str] = {}
         for tag in tags:
             display.setdefault(tag_key(tag), tag)
-        table = self.wiki(set(display))
+        table = self.wiki()
         template = templates.DESCRIBE_TEMPLATE
         found = self.cache.get_many(sorted(display), table.revision, self.model_name, template)
         self.stats.described_cached += len(found)
-        missing = [k for k in sorted(display) if k not in found and k in table.pages]
-        self.stats.no_wiki_page += sum(1 for k in display if k not in found and k not in table.pages)
+        pages = table.pages({k for k in display if k not in found}) if len(found) < len(display) else {}
+        missing = [k for k in sorted(display) if k in pages]
+        self.stats.no_wiki_page += len(display) - len(found) - len(missing)
         if not missing:
             return found
         seed = self.settings.seed
 
         def job(key: str):
-            prompt = templates.describe_prompt(display[key], table.pages[key][:WIKI_PROMPT_CHARS])
+            prompt = templates.describe_prompt(display[key], pages[key][:WIKI_PROMPT_CHARS])
             answer = yield ChatCall((("user", prompt),), seed, self.settings.describe_params)
             return clean_text(answer)
 

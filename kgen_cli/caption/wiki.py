@@ -31,9 +31,22 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass
-class WikiTable:
+class Wiki:
+    """A wiki table found (its files, and the revision the cache is keyed by); its pages are read
+    only for the tags a run still needs described."""
+
+    files: list[Path]
     revision: str  # a file's content hash, or the hub commit
-    pages: dict[str, str]  # tag_key -> plain text
+
+    def pages(self, wanted: set[str]) -> dict[str, str]:
+        """tag_key -> plain text of each `wanted` tag (tag_key form) that has a page."""
+        pages: dict[str, str] = {}
+        for path in self.files:
+            for tag, body in _rows(path):
+                key = tag_key(tag)
+                if key in wanted and key not in pages and body:
+                    pages[key] = strip_dtext(body)
+        return pages
 
 
 # -- DText ---------------------------------------------------------------------------------------
@@ -63,24 +76,26 @@ def strip_dtext(text: str) -> str:
 # -- loading ------------------------------------------------------------------------------------
 
 
-def load_wiki(spec: str, wanted: set[str], *, quiet: bool = False) -> WikiTable:
-    """The pages of the `wanted` tags (tag_key form) from a file or `hf:` dataset."""
+def check_wiki(spec: str) -> None:
+    """Refuse, before any work, a --wiki file that does not exist or is not a table."""
     if spec.startswith("hf:"):
-        files, revision = _hub_files(spec[3:], quiet=quiet)
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UsageError(f"--wiki {spec}: no such file")
-        if path.suffix.lower() not in DATA_EXTENSIONS:
-            raise UsageError(f"--wiki {spec}: expected a .jsonl, .csv or .parquet file")
-        files, revision = [path], _file_hash(path)
-    pages: dict[str, str] = {}
-    for path in files:
-        for tag, body in _rows(path):
-            key = tag_key(tag)
-            if key in wanted and key not in pages and body:
-                pages[key] = strip_dtext(body)
-    return WikiTable(revision, pages)
+        if spec[3:].partition("@")[0].count("/") != 1:
+            raise UsageError(f"--wiki {spec}: expected hf:OWNER/NAME[@REVISION]")
+        return
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--wiki {spec}: no such file")
+    if path.suffix.lower() not in DATA_EXTENSIONS:
+        raise UsageError(f"--wiki {spec}: expected a .jsonl, .csv or .parquet file")
+
+
+def open_wiki(spec: str) -> Wiki:
+    """A wiki file, or an `hf:` dataset (fetched into the hub cache unless offline)."""
+    check_wiki(spec)
+    if spec.startswith("hf:"):
+        return Wiki(*_hub_files(spec[3:]))
+    path = Path(spec).expanduser()
+    return Wiki([path], _file_hash(path))
 
 
 def _file_hash(path: Path) -> str:
@@ -148,12 +163,10 @@ def snapshot_download(**kwargs):
     return impl(**kwargs)
 
 
-def _hub_files(spec: str, *, quiet: bool) -> tuple[list[Path], str]:
+def _hub_files(spec: str) -> tuple[list[Path], str]:
     from kgen_cli.download import hf_cache_dir, is_offline
 
     repo, _, revision = spec.partition("@")
-    if repo.count("/") != 1:
-        raise UsageError(f"--wiki hf:{spec}: expected hf:OWNER/NAME[@REVISION]")
     offline = is_offline()
     try:
         folder = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or None,

@@ -117,6 +117,10 @@ def caption(
         raise UsageError("--backend openai needs --api-model NAME")
     if describe_only and not wiki:
         raise UsageError("--describe-only needs --wiki")
+    if wiki:
+        from kgen_cli.caption.wiki import check_wiki
+
+        check_wiki(wiki)
     template_text = ""
     if kind != "tipo":
         template_text = templates.resolve_template(template or ("short" if vision_model else "short-no-description"))
@@ -172,11 +176,11 @@ def caption(
     cache = None
     loader = None
     if wiki:
-        from kgen_cli.caption.wiki import CACHE_FILE, DescriptionCache, load_wiki
+        from kgen_cli.caption.wiki import CACHE_FILE, DescriptionCache, open_wiki
         from kgen_cli.paths import kgen_home
 
         cache = DescriptionCache(kgen_home() / CACHE_FILE)
-        loader = lambda wanted: load_wiki(wiki, wanted, quiet=quiet)  # noqa: E731
+        loader = lambda: open_wiki(wiki)  # noqa: E731 - opened when a tag needs describing
     if verbose:
         info(f"{len(items)} images in {root}; backend {kind}, model {model_name}, base seed {base_seed}, "
              f"{parallel} in flight")
