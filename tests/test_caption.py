@@ -148,9 +148,11 @@ def test_unknown_variable_and_bad_files_are_usage_errors(tmp_path):
     bad.write_text("a lone { brace {tags}")
     with pytest.raises(UsageError, match="lone"):
         templates.resolve_template(f"@{bad}")
-    bad.write_text("x" * (templates.TEMPLATE_MAX_BYTES + 1))
-    with pytest.raises(UsageError, match="larger than"):
+    bad.write_text("x" * (templates.MAX_TEMPLATE_BYTES + 1))
+    with pytest.raises(UsageError, match="at most"):
         templates.resolve_template(f"@{bad}")
+    with pytest.raises(UsageError, match="not a regular file"):
+        templates.resolve_template("@/dev/zero")
     with pytest.raises(UsageError, match="unknown template"):
         templates.resolve_template("medium")
 

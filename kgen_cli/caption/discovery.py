@@ -102,9 +102,9 @@ def _scan(folder: Path, recursive: bool):
 
 
 def _read_filelist(path: Path) -> list[Path]:
-    from kgen_cli.paths import read_text_file
+    from kgen_cli.paths import read_small_file
 
-    text = read_text_file(path, "the file list", FILELIST_MAX_BYTES)
+    text = read_small_file(path, "file list", FILELIST_MAX_BYTES)
     paths = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()

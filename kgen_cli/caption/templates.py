@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from kgen_cli.errors import UsageError
+from kgen_cli.formats.templates import MAX_TEMPLATE_BYTES
 
 VARIABLES = ("tags", "tag_descriptions", "image_description", "name", "directory", "trigger")
-TEMPLATE_MAX_BYTES = 64 << 10
 
 # The instructions come first and the image's own text last: every prompt of a run then starts
 # with the same long prefix, which kgen's scheduler decodes once and shares (and a server's
@@ -61,12 +61,12 @@ _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
 def resolve_template(spec: str) -> str:
-    """A preset name or `@FILE` (UTF-8, at most 64 KiB) -> the template text, validated."""
+    """A preset name or `@FILE` (UTF-8, at most MAX_TEMPLATE_BYTES) -> the template text, validated."""
     if spec.startswith("@"):
-        from kgen_cli.paths import read_text_file
+        from kgen_cli.paths import read_small_file
 
         path = Path(spec[1:]).expanduser()
-        text, origin = read_text_file(path, "template file", TEMPLATE_MAX_BYTES), str(path)
+        text, origin = read_small_file(path, "template file", MAX_TEMPLATE_BYTES), str(path)
     elif spec in PRESETS:
         text, origin = PRESETS[spec], f"preset {spec}"
     else:
