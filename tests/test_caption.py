@@ -94,8 +94,14 @@ def test_tag_file_errors(tmp_path):
         read_tags(tmp_path / "missing.txt")
     with pytest.raises(ItemError, match="is empty"):
         read_tags(tmp_path / "empty.txt")
-    with pytest.raises(ItemError, match="not UTF-8"):
+    with pytest.raises(ItemError, match="not valid UTF-8"):
         read_tags(tmp_path / "latin.txt")
+    os.mkfifo(tmp_path / "fifo.txt")  # no writer: reading it would wait for ever
+    with pytest.raises(ItemError, match="not a regular file"):
+        read_tags(tmp_path / "fifo.txt")
+    os.mkfifo(tmp_path / "fifo.png")
+    with pytest.raises(ItemError, match="not a regular file"):
+        image_size(tmp_path / "fifo.png")
 
 
 # -- shaping ----------------------------------------------------------------------------------

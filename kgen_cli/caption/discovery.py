@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from kgen_cli.errors import KgenError, UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 FILELIST_MAX_BYTES = 64 << 20
+TAG_FILE_MAX_BYTES = 1 << 20
 VISION_MAX_SIDE = 1024  # the longest side of the image a vision model is sent
 
 
@@ -126,6 +128,13 @@ def image_size(path: Path) -> tuple[int, int]:
     file is missing, not an image, or of a format other than the supported ones."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ItemError("not a regular file")  # a fifo would block the reader
+    except FileNotFoundError:
+        raise ItemError("no such file") from None
+    except OSError as exc:
+        raise ItemError(f"cannot read the image: {exc.strerror}") from None
     with _header_lock:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # no pixels are decoded here
         try:
@@ -173,17 +182,16 @@ def image_data_uri(path: Path, max_side: int = VISION_MAX_SIDE) -> str:
 
 
 def read_tags(path: Path) -> str:
-    """The tag file's text. ItemError when it is missing, empty, or not UTF-8."""
+    """The tag file's text. ItemError when it is missing, empty, not UTF-8, not a regular file
+    (a fifo is never waited on) or larger than TAG_FILE_MAX_BYTES."""
+    from kgen_cli.paths import read_small_file
+
+    if not path.exists():
+        raise ItemError(f"no tag file {path}")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ItemError(f"no tag file {path}") from None
-    except OSError as exc:
-        raise ItemError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ItemError(f"{path} is not UTF-8 (byte {exc.start})") from None
+        text = read_small_file(path, "tag file", TAG_FILE_MAX_BYTES)
+    except UsageError as exc:
+        raise ItemError(str(exc)) from None
     if not text.strip():
-        raise ItemError(f"{path} is empty")
+        raise ItemError(f"tag file {path} is empty")
     return text
