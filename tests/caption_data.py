@@ -6,7 +6,7 @@ import struct
 import zlib
 from pathlib import Path
 
-# name -> (size, Pillow format, tags or None for "no tag file")
+# name -> (size, Pillow format, tag file text)
 GOOD = {
     "a.png": ((64, 96), "PNG", "1girl, solo, long_hair, (blue_eyes:1.2), smile"),
     "b.jpg": ((120, 80), "JPEG", "1boy, outdoors, sky, tree"),
