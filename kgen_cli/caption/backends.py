@@ -104,6 +104,9 @@ class LocalBackend:
 
         self.stats = SchedulerStats()  # summed over every run (descriptions, then captions)
 
+    def close(self) -> None:
+        self.engine.close()
+
     def prompt(self, call: ChatCall) -> str:
         from kgen_cli.engine import apply_chat_template
 
@@ -143,8 +146,12 @@ class TipoBackend:
     nl_length, aspect_ratio, format, temperature, max_tokens) is one expand job, all of them
     batched on the local engine; `on_result` receives each one's ExpandResult."""
 
-    def __init__(self, local: LocalBackend):
+    def __init__(self, local: LocalBackend, generator: Any = None):
         self.local, self.engine, self.model_name = local, local.engine, local.model_name
+        self.generator = generator  # the library's Generator that opened the engine
+
+    def close(self) -> None:
+        (self.generator or self.local).close()
 
     @property
     def stats(self):
@@ -273,6 +280,9 @@ class OpenAIBackend:
             raise ServerError("the server's answer has no choices[0].message.content") from None
         return text or ""
 
+    def close(self) -> None:
+        """Nothing to free: abandoned workers are daemons."""
+
     # jobs
 
     def _ask(self, request):
@@ -359,22 +369,27 @@ CHAT_PROMPT_EXTRA = 512  # KV cells the default context reserves per sequence be
 def load_tipo(model: str | None, *, parallel: int, max_tokens: int, retries: int | None = None,
               n_ctx: int | None = None, context_length: int | None = None, threads: int | None = None,
               gpu_layers: int | str = "auto", verbose: bool = False) -> TipoBackend:  # fmt: skip
-    """The registry's TIPO model (or a local TIPO .gguf) sized as `kgen batch` sizes it."""
-    from kgen_cli import batchjobs, runner
-    from kgen_cli.registry import resolve_model
+    """The registry's TIPO model (or a local TIPO .gguf), opened through the library
+    (`kgen_cli.load`), its context sized as `kgen batch` sizes it for `parallel` sequences."""
+    from kgen_cli import batchjobs
+    from kgen_cli.api import load
+    from kgen_cli.runner import DEFAULT_CONTEXT_LENGTH
 
-    resolved = resolve_model(model, "tipo", download_missing=True)
-    if resolved.family != "tipo":
-        raise KgenError(f"{resolved.name} is a {resolved.family.upper()} model; captions need a TIPO model")
-    length = context_length or resolved.n_ctx or runner.DEFAULT_CONTEXT_LENGTH
-    unified = not batchjobs.use_kv_streams(trees=False, context_length=length, max_tokens=max_tokens, retries=retries)
-    if n_ctx is None:
-        n_ctx = batchjobs.batch_n_ctx(parallel, max_tokens, length, unified=unified)
-    engine, _ = runner.open_engine(runner.EngineConfig(
-        model_path=str(resolved.path), n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads, verbose=verbose,
-        n_seq_max=parallel, context_length=context_length or resolved.n_ctx, kv_unified=unified))
-    return TipoBackend(LocalBackend(engine, model_name=resolved.name, parallel=parallel,
-                                    share_prefix=batchjobs.SHARE_PREFIX))
+    gen = load(model, family="tipo", gpu_layers=gpu_layers, threads=threads, n_ctx=n_ctx,
+               context_length=context_length, verbose=verbose, lazy=True)
+    try:
+        if gen.family != "tipo":
+            raise KgenError(f"{gen.model.name} is a {gen.family.upper()} model; captions need a TIPO model")
+        length = context_length or gen.model.n_ctx or DEFAULT_CONTEXT_LENGTH
+        unified = not batchjobs.use_kv_streams(trees=False, context_length=length, max_tokens=max_tokens,
+                                               retries=retries)  # fmt: skip
+        engine = gen.reserve(parallel, max_tokens=max_tokens, kv_unified=unified,
+                             n_ctx=batchjobs.batch_n_ctx(parallel, max_tokens, length, unified=unified))
+    except BaseException:
+        gen.close()
+        raise
+    local = LocalBackend(engine, model_name=gen.model.name, parallel=parallel, share_prefix=batchjobs.SHARE_PREFIX)
+    return TipoBackend(local, gen)
 
 
 def chat_model(model: str, chat_template: str | None) -> tuple[Path, str]:

@@ -12,11 +12,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from kgen_cli import options as o
+from kgen_cli.commands import _options as o
 from kgen_cli.caption.output import Existing
 from kgen_cli.console import err_console, examples, info, require_open, stderr_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.paths import check_output_file
+from kgen_cli.sampling import MAX_N_CTX, MIN_CONTEXT_LENGTH, MIN_N_CTX, finite_float
 
 EXAMPLES = examples(
     "kgen caption dataset/ -r",
@@ -64,11 +65,11 @@ def caption(
     json_: Annotated[bool, typer.Option("--json", rich_help_panel=o.OUTPUT, help="Print one JSON record per image on stdout (paths, tags, prompts, caption, backend, model, seed, seconds, or error).")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", rich_help_panel=o.OUTPUT, help="Write the JSON records to this file (JSONL).")] = None,
     seed: o.SeedOpt = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, rich_help_panel=o.SAMPLING, help="Temperature (0 = greedy). \\[default: tipo 0.35, chat/openai 0.6]")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, parser=finite_float, rich_help_panel=o.SAMPLING, help="Temperature (0 = greedy). \\[default: tipo 0.35, chat/openai 0.6]")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", rich_help_panel=o.SAMPLING, help="New tokens per model call. \\[default: tipo 512, chat/openai 256]")] = None,
     gpu_layers: o.GpuLayersOpt = "auto",
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=64, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. \\[default: as kgen batch sizes it, plus room for longer chat prompts]")] = None,
-    context_length: Annotated[Optional[int], typer.Option("--context-length", min=16, max=o.MAX_N_CTX, rich_help_panel=o.ENGINE, help="Most tokens one model call spans, prompt included. \\[default: tipo: the registry's; chat: 2048]")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", min=MIN_N_CTX, max=MAX_N_CTX, rich_help_panel=o.ENGINE, help="KV cells for all sequences. \\[default: as kgen batch sizes it, plus room for longer chat prompts]")] = None,
+    context_length: Annotated[Optional[int], typer.Option("--context-length", min=MIN_CONTEXT_LENGTH, max=MAX_N_CTX, rich_help_panel=o.ENGINE, help="Most tokens one model call spans, prompt included. \\[default: tipo: the registry's; chat: 2048]")] = None,
     threads: o.ThreadsOpt = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display, no summary line.")] = False,
@@ -91,8 +92,8 @@ def caption(
     from kgen_cli.caption.output import check_policy
     from kgen_cli.caption.run import CHAT_PARAMS, CaptionSettings, Captioner, FailFast
     from kgen_cli.caption.shaping import TagShaping
-    from kgen_cli.engine import validate_params
-    from kgen_cli.sampling import FAMILY_DEFAULTS
+    from kgen_cli.options import parse_gpu_layers
+    from kgen_cli.sampling import FAMILY_DEFAULTS, validate_params
     from kgen_cli.stopping import Interrupted, SignalStop
 
     kind = backend.value
@@ -131,7 +132,7 @@ def caption(
     base = FAMILY_DEFAULTS["tipo"] if kind == "tipo" else CHAT_PARAMS
     params = base.with_overrides(temperature=temperature, max_tokens=max_tokens)
     validate_params(params, 0)
-    layers = runner.parse_gpu_layers(gpu_layers)
+    layers = parse_gpu_layers(gpu_layers)
     root, items = find_images(source, recursive=recursive, tags_ext=tags_ext)
     check_policy(items, caption_ext, out_dir, existing)
     base_seed = runner.random_seed() if seed is None else seed
@@ -216,8 +217,8 @@ def caption(
                 raise KgenError(str(exc)) from None
     finally:
         gen = captioner.opened if captioner is not None else None
-        if getattr(gen, "engine", None) is not None:
-            gen.engine.close()
+        if gen is not None:
+            gen.close()
         if cache is not None:
             cache.close()
         if report is not None:
