@@ -1,17 +1,18 @@
 """Where a caption job's model calls go: llama.cpp in this process, or an OpenAI-compatible server.
 
-A job is a generator per image (or per tag to describe): it yields model calls and receives
-their text, and its return value is the job's result. A call is a `ChatCall` (messages for an
-instruct model) or, for the TIPO backend, the pipeline's own `CompletionRequest`.
+A chat job is a generator per image (or per tag to describe): it yields `ChatCall`s (messages
+for an instruct model) and receives their text; its return value is the job's result.
 
 - `LocalBackend`: every job's calls decode together in one llama.cpp context through the
-  continuous-batching `Scheduler` (up to `parallel` sequences per decode step). A `ChatCall`
+  continuous-batching `Scheduler` (up to `parallel` sequences per decode step); a `ChatCall`
   becomes a prompt through llama.cpp's built-in chat template (`engine.apply_chat_template`).
 - `OpenAIBackend`: `parallel` worker threads, each driving one job at a time over HTTP
   (`/chat/completions`), with a timeout, retries with exponential backoff on 429 and 5xx, and a
   check of the server and model names before the run.
+- `TipoBackend`: no chat: expand requests (tags to prose) on the library's `Generator.batch`,
+  batched the same way.
 
-Both report `on_result(key, value, error)` in the calling thread, as each job ends, and call
+All report `on_result(key, value, error)` in the calling thread, as each job ends, and call
 `check()` between steps: a stop request raised there ends the run (workers' late answers are
 dropped, never written).
 """
@@ -29,10 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
 from kgen_cli.errors import KgenError, StopRequested
-from kgen_cli.sampling import FAMILY_DEFAULTS, CompletionRequest, SamplingParams
+from kgen_cli.sampling import CompletionRequest, SamplingParams
 
 OnResult = Callable[[Hashable, Any, "BaseException | None"], None]
-TIPO_DEFAULTS = FAMILY_DEFAULTS["tipo"]
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,9 @@ class LocalBackend:
                 raise KgenError("a local model takes text only (images need --backend openai --vision-model)")
         return apply_chat_template(self.chat_template, call.messages)
 
-    def _ask(self, request):
-        """One call of a caption job as the scheduler's: ChatCall -> CompletionRequest, answered
-        with the text; a CompletionRequest (TIPO) passes through, answered with the Completion."""
-        if not isinstance(request, ChatCall):
-            return (yield request)
-        completion = yield CompletionRequest(self.prompt(request), request.seed, request.params)
+    def _ask(self, call: ChatCall):
+        """One chat call as the scheduler's request, answered with the text."""
+        completion = yield CompletionRequest(self.prompt(call), call.seed, call.params)
         return completion.text
 
     def run(self, jobs: Iterable[tuple[Hashable, Any]], on_result: OnResult,
@@ -142,35 +139,39 @@ class LocalBackend:
 
 
 class TipoBackend:
-    """TIPO captions: each request (a mapping of expand fields: tags, seed, expand_tags,
-    nl_length, aspect_ratio, format, temperature, max_tokens) is one expand job, all of them
-    batched on the local engine; `on_result` receives each one's ExpandResult."""
+    """TIPO captions through the library: each request (a mapping of `kgen batch` JSONL fields:
+    tags, seed, expand_tags, nl_length, aspect_ratio, format, temperature, max_tokens) is one
+    expand of `Generator.batch`, all of them decoded together (continuous batching);
+    `on_result` receives each one's ExpandResult as it finishes (finishing order, so that a stop
+    loses no finished result)."""
 
-    def __init__(self, local: LocalBackend, generator: Any = None):
-        self.local, self.engine, self.model_name = local, local.engine, local.model_name
-        self.generator = generator  # the library's Generator that opened the engine
+    def __init__(self, generator: Any, *, parallel: int):
+        from kgen_cli.batchjobs import BatchStats
+
+        self.generator, self.parallel = generator, parallel
+        self.model_name = generator.model.name
+        self.stats = BatchStats()
 
     def close(self) -> None:
-        (self.generator or self.local).close()
-
-    @property
-    def stats(self):
-        return self.local.stats
+        self.generator.close()
 
     def expand(self, requests: Iterable[tuple[Hashable, dict]], on_result: OnResult,
                check: Callable[[], None] | None = None) -> None:  # fmt: skip
-        from kgen_cli.formats.templates import resolve_format
-        from kgen_cli.pipeline import ExpandRequest, run_expand
+        from kgen_cli.batchio import record_from
 
-        def jobs():
-            for key, r in requests:
-                params = TIPO_DEFAULTS.with_overrides(temperature=r.get("temperature"), max_tokens=r.get("max_tokens"))
-                request = ExpandRequest(tags=r["tags"], family="tipo", expand_tags=r["expand_tags"],
-                                        nl_length=r["nl_length"], aspect_ratio=r["aspect_ratio"],
-                                        template=resolve_format(r["format"]), params=params)
-                yield key, run_expand(request, r["seed"])
+        run, _ = self.generator.batch(parallel=self.parallel, seed=0, check=check)
+        keys: dict[int, Hashable] = {}
 
-        self.local.run(jobs(), on_result, check)
+        def records():
+            for index, (key, request) in enumerate(requests):
+                keys[index] = key
+                yield record_from(index, {k: v for k, v in request.items() if v is not None})
+
+        try:
+            for rec, result, error in run.results(records()):
+                on_result(keys.pop(rec.index), None if error is not None else result["variants"][0], error)
+        finally:
+            self.stats = run.stats
 
 
 # -- an OpenAI-compatible server -----------------------------------------------------------------
@@ -366,30 +367,21 @@ CHAT_CONTEXT_LENGTH = 2048  # one chat call's window: a template with tag descri
 CHAT_PROMPT_EXTRA = 512  # KV cells the default context reserves per sequence beyond a TIPO prompt's
 
 
-def load_tipo(model: str | None, *, parallel: int, max_tokens: int, retries: int | None = None,
-              n_ctx: int | None = None, context_length: int | None = None, threads: int | None = None,
-              gpu_layers: int | str = "auto", verbose: bool = False) -> TipoBackend:  # fmt: skip
+def load_tipo(model: str | None, *, parallel: int, max_tokens: int, n_ctx: int | None = None,
+              context_length: int | None = None, threads: int | None = None, gpu_layers: int | str = "auto",
+              verbose: bool = False) -> TipoBackend:  # fmt: skip
     """The registry's TIPO model (or a local TIPO .gguf), opened through the library
     (`kgen_cli.load`), its context sized as `kgen batch` sizes it for `parallel` sequences."""
-    from kgen_cli import batchjobs
     from kgen_cli.api import load
-    from kgen_cli.runner import DEFAULT_CONTEXT_LENGTH
+    from kgen_cli.options import GenerationOptions
 
     gen = load(model, family="tipo", gpu_layers=gpu_layers, threads=threads, n_ctx=n_ctx,
-               context_length=context_length, verbose=verbose, lazy=True)
-    try:
-        if gen.family != "tipo":
-            raise KgenError(f"{gen.model.name} is a {gen.family.upper()} model; captions need a TIPO model")
-        length = context_length or gen.model.n_ctx or DEFAULT_CONTEXT_LENGTH
-        unified = not batchjobs.use_kv_streams(trees=False, context_length=length, max_tokens=max_tokens,
-                                               retries=retries)  # fmt: skip
-        engine = gen.reserve(parallel, max_tokens=max_tokens, kv_unified=unified,
-                             n_ctx=batchjobs.batch_n_ctx(parallel, max_tokens, length, unified=unified))
-    except BaseException:
+               context_length=context_length, verbose=verbose, lazy=True,
+               defaults=GenerationOptions(max_tokens=max_tokens))
+    if gen.family != "tipo":
         gen.close()
-        raise
-    local = LocalBackend(engine, model_name=gen.model.name, parallel=parallel, share_prefix=batchjobs.SHARE_PREFIX)
-    return TipoBackend(local, gen)
+        raise KgenError(f"{gen.model.name} is a {gen.family.upper()} model; captions need a TIPO model")
+    return TipoBackend(gen, parallel=parallel)
 
 
 def chat_model(model: str, chat_template: str | None) -> tuple[Path, str]:
