@@ -127,20 +127,18 @@ def caption(
         template_text = templates.resolve_template(template or ("short" if vision_model else "short-no-description"))
     shaping = TagShaping.from_options(undesired=undesired_tags, replace=replace, always_first=always_first,
                                       trigger=trigger, prepend=prepend, append=append)
-    if max_tokens is not None and max_tokens < 1:
-        raise UsageError("--max-tokens must be a positive number of tokens")
     base = FAMILY_DEFAULTS["tipo"] if kind == "tipo" else CHAT_PARAMS
     params = base.with_overrides(temperature=temperature, max_tokens=max_tokens)
-    validate_params(params, 0)
+    validate_params(params, 0)  # what llama.cpp (or a server) would refuse, before any work
     layers = parse_gpu_layers(gpu_layers)
     root, items = find_images(source, recursive=recursive, tags_ext=tags_ext)
     check_policy(items, caption_ext, out_dir, existing)
     base_seed = runner.random_seed() if seed is None else seed
     settings = CaptionSettings(backend=kind, template=template_text, shaping=shaping, caption_ext=caption_ext,
                                out_dir=out_dir, existing=existing, seed=base_seed,
-                               params=params if kind != "tipo" else CHAT_PARAMS,
+                               params=params, nl_length=nl_length.value,
                                tipo_options={"temperature": temperature, "max_tokens": max_tokens}
-                               if kind == "tipo" else {}, nl_length=nl_length.value,
+                               if kind == "tipo" else {},
                                vision_model=vision_model, fail_fast=fail_fast)
     if not items:
         if not quiet:
