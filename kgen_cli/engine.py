@@ -11,6 +11,7 @@ Layout:
   2. loading the bindings (after the OpenMP wait policy is in the environment, kgen_cli/threads.py)
      and routing llama.cpp's log
   3. `kgen info` helpers and `quantize_model`
+  3b. chat prompts through llama.cpp's built-in templates (no Jinja is run)
   4. sampler chains
   5. `Engine`: owns the model, the context and the batch
   6. `BranchDecoder`: many KV sequences in the Engine's context (fork / free / step / sample)

@@ -392,3 +392,19 @@ def test_progress_on_a_terminal_only_and_quiet_silences_it(recorder, isolated_ho
     assert b"captioning" in tty and b"captions/s" in tty and f"/{len(GOOD)}".encode() in tty
     rc, out, tty = run_with_stderr_tty(argv + ["-q"], isolated_home, timeout=60)
     assert rc == 0 and out == b"" and tty == b""
+
+
+@pytest.mark.model
+def test_chat_prompts_come_from_llama_cpp_builtin_templates(model_path):
+    from kgen_cli.engine import apply_chat_template, chat_template, chat_template_names
+    from kgen_cli.errors import UsageError
+
+    assert {"chatml", "llama3", "gemma"} <= set(chat_template_names())
+    found = chat_template(model_path)  # SmolLM2's Jinja text, recognised as chatml (not evaluated)
+    assert "{%" in found
+    prompt = apply_chat_template(found, [("user", "Describe a cat.")])
+    assert prompt == "<|im_start|>user\nDescribe a cat.<|im_end|>\n<|im_start|>assistant\n"
+    assert apply_chat_template(chat_template(model_path, "llama3"), [("user", "x")]).endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(UsageError, match="unknown chat template 'nope'"):
+        chat_template(model_path, "nope")
