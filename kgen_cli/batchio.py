@@ -53,6 +53,7 @@ LINE_OPTIONS: dict[str, tuple[Any, str]] = {
     "tag_length": (lambda v: v in LEVELS, "one of " + ", ".join(LEVELS)),
     "nl_length": (lambda v: v in LEVELS, "one of " + ", ".join(LEVELS)),
     "operation": (lambda v: isinstance(v, str), "a TIPO operation name"),
+    "expand_tags": (lambda v: isinstance(v, bool), "true or false"),
     "width": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "aspect_ratio": (lambda v: _is_num(v) and v > 0, "a positive number"),

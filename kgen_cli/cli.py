@@ -17,6 +17,7 @@ from typer._click import exceptions as click_exceptions
 
 from kgen_cli import __version__
 from kgen_cli.commands import batch as batch_cmd
+from kgen_cli.commands import caption as caption_cmd
 from kgen_cli.commands import expand as expand_cmd
 from kgen_cli.commands import info as info_cmd
 from kgen_cli.commands import models as models_cmd
@@ -38,7 +39,7 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for _name, _module in (("expand", expand_cmd), ("batch", batch_cmd), ("info", info_cmd)):
+for _name, _module in (("expand", expand_cmd), ("batch", batch_cmd), ("caption", caption_cmd), ("info", info_cmd)):
     _function = getattr(_module, _name)
     app.command(_name, help=reflow(_function.__doc__), epilog=_module.EXAMPLES)(_function)
 app.add_typer(models_cmd.app, name="models")

@@ -11,6 +11,7 @@ Layout:
   2. loading the bindings (after the OpenMP wait policy is in the environment, kgen_cli/threads.py)
      and routing llama.cpp's log
   3. `kgen info` helpers and `quantize_model`
+  3b. chat prompts through llama.cpp's built-in templates (no Jinja is run)
   4. sampler chains
   5. `Engine`: owns the model, the context and the batch
   6. `BranchDecoder`: many KV sequences in the Engine's context (fork / free / step / sample);
@@ -47,7 +48,8 @@ from kgen_cli.decoding import BranchPoolExhausted, Sampled
 
 __all__ = [
     "BranchDecoder", "BranchPoolExhausted", "DecodeCounters", "Engine",
-    "QUANT_TYPES", "Sampled", "Sampler", "bindings_version", "check_gguf", "devices", "gguf_metadata",
+    "QUANT_TYPES", "Sampled", "Sampler", "apply_chat_template", "bindings_version", "chat_template",
+    "chat_template_names", "check_gguf", "devices", "gguf_metadata",
     "gpu_offload_supported", "llama_version", "quantize_model", "sampler_chain", "system_info",
 ]  # fmt: skip
 
@@ -664,6 +666,60 @@ def _quantize_child(argv: list[str]) -> int:
         print(_last_error(), flush=True)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. Chat prompts (llama.cpp's built-in templates; a model's Jinja template is never evaluated)
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_template_names() -> list[str]:
+    """The names of llama.cpp's built-in chat templates (chatml, llama3, gemma, ...)."""
+    ll = _llama()
+    n = ll.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * max(n, 1))()
+    n = ll.llama_chat_builtin_templates(names, n)
+    return sorted(names[i].decode() for i in range(max(n, 0)))
+
+
+def chat_template(model_path: str | os.PathLike, name: str | None = None) -> str:
+    """The chat template a model's prompts are built with: the built-in template `name`, else the
+    one llama.cpp recognises in the GGUF's `tokenizer.chat_template` (matched by llama.cpp's own
+    heuristics, not run). Raises UsageError for an unknown name, EngineError when the model has no
+    template llama.cpp knows. Returns a name or template text for `apply_chat_template`."""
+    if name is not None:
+        known = chat_template_names()
+        if name not in known:
+            raise UsageError(f"unknown chat template {name!r}; llama.cpp knows: {', '.join(known)}")
+        return name
+    text = gguf_metadata(model_path).get("tokenizer.chat_template")
+    if not isinstance(text, str) or not text.strip():
+        raise EngineError(f"{Path(model_path).name} has no chat template in its metadata",
+                          hint="name one with --chat-template (e.g. chatml)")
+    try:
+        apply_chat_template(text, [("user", "x")])
+    except EngineError:
+        raise EngineError(f"{Path(model_path).name}: llama.cpp does not recognise its chat template",
+                          hint="name a built-in one with --chat-template (e.g. chatml)") from None
+    return text
+
+
+def apply_chat_template(template: str, messages: Sequence[tuple[str, str]], *, add_assistant: bool = True) -> str:
+    """`messages` ((role, content), ...) as prompt text, with llama_chat_apply_template; ends with
+    the assistant's turn opened when `add_assistant`."""
+    ll = _llama()
+    encoded = [(role.encode("utf-8"), content.encode("utf-8")) for role, content in messages]
+    chat = (ll.llama_chat_message * len(encoded))(*[ll.llama_chat_message(r, c) for r, c in encoded])
+    size = 256 + sum(len(r) + len(c) for r, c in encoded) * 2
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = ll.llama_chat_apply_template(template.encode("utf-8"), chat, len(encoded), add_assistant, buf, size)
+        if n < 0:
+            raise EngineError("llama.cpp does not recognise this chat template")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = n + 1
+    raise EngineError("llama_chat_apply_template kept growing")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class GenerationOptions:
     tag_length: str = "long"
     nl_length: str = "long"
     operation: str | None = None
+    expand_tags: bool = True  # False: the automatic plan adds no tags (TIPO writes only the NL)
     width: int | None = None
     height: int | None = None
     aspect_ratio: float | None = None
@@ -95,7 +96,8 @@ class GenerationOptions:
         try:  # a value of the right type that still makes no sense (a JSONL line's, say)
             request = ExpandRequest(
                 tags=tags, nl=self.nl, family=family, tag_length=_text(self.tag_length),
-                nl_length=_text(self.nl_length), operation=self.operation, aspect_ratio=ratio,
+                nl_length=_text(self.nl_length), operation=self.operation, expand_tags=self.expand_tags,
+                aspect_ratio=ratio,
                 template=resolve_format(self.format), bans=BanList.parse(bans), retries=self.retries,
                 params=params, quality_line=quality_line, escape_parens=self.escape_parens,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from kgen_cli.errors import KgenError, UsageError
@@ -47,3 +48,31 @@ def check_output_file(path: Path, what: str) -> None:
     # access() also answers EROFS (a read-only file system) for root, who may write anything else.
     if not os.access(path if path.exists() else parent, os.W_OK):
         raise UsageError(f"cannot write {what} {path}: not writable")
+
+
+def read_small_file(path: Path, what: str, limit: int) -> str:
+    """A small UTF-8 file the user named (@FILE templates, file lists): a regular file of at most
+    `limit` bytes, a BOM dropped. Opened without blocking and checked with fstat before a byte is
+    read, so that /dev/zero, /dev/stdin or a fifo is refused at once instead of read without end
+    or waited on. UsageError, naming it as `what PATH`, otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{what} {path} is not a regular file")
+        if info.st_size > limit:
+            raise UsageError(f"{what} {path} is {info.st_size} bytes; it may have at most {limit}")
+        data = os.read(fd, limit + 1)  # a file that grew meanwhile is cut here, and refused
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {limit} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not valid UTF-8") from None

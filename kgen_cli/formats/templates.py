@@ -22,9 +22,7 @@ docs/deviations.md#nl-rendering).
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -93,36 +91,15 @@ def _validate(template: str, origin: str) -> str:
 
 
 def _read_template_file(path_text: str) -> str:
-    """A template file: a regular file of at most MAX_TEMPLATE_BYTES, UTF-8 (a BOM is dropped).
-
-    Opened without blocking and checked with fstat before a byte is read, so that @/dev/zero,
-    @/dev/stdin or a fifo is refused at once instead of read without end or waited on."""
+    """A template file: a regular file of at most MAX_TEMPLATE_BYTES, UTF-8 (a BOM is dropped);
+    @/dev/zero, @/dev/stdin or a fifo is refused at once (`paths.read_small_file`)."""
     if path_text == "-":
         raise UsageError("--format @- (stdin) is not supported: give @FILE, a preset name or a template")
     if not path_text:
         raise UsageError("--format @ needs a file path: @FILE")
-    path = Path(path_text).expanduser()
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise UsageError(f"cannot read format file {path_text}: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"format file {path_text} is not a regular file")
-        if info.st_size > MAX_TEMPLATE_BYTES:
-            raise UsageError(f"format file {path_text} is {info.st_size} bytes; a template has at most {MAX_TEMPLATE_BYTES}")
-        data = os.read(fd, MAX_TEMPLATE_BYTES + 1)  # a file that grew meanwhile is cut here, and refused
-    except OSError as exc:
-        raise UsageError(f"cannot read format file {path_text}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TEMPLATE_BYTES:
-        raise UsageError(f"format file {path_text} is larger than {MAX_TEMPLATE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8-sig")  # without a BOM, if an editor wrote one
-    except UnicodeDecodeError:
-        raise UsageError(f"format file {path_text} is not valid UTF-8") from None
+    from kgen_cli.paths import read_small_file
+
+    text = read_small_file(Path(path_text).expanduser(), "format file", MAX_TEMPLATE_BYTES)
     return _validate(text[:-1] if text.endswith("\n") else text, f"format file {path_text}")
 
 
