@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Mapping, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from kgen_cli.options import GenerationOptions
 
 from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, MIN_CONTEXT_LENGTH, MIN_N_CTX, SEED_MAX, finite_float
 
@@ -139,3 +142,13 @@ def warn_high_temperature(temperature: float | None) -> None:
     if temperature is not None and temperature > HIGH_TEMPERATURE:
         info(f"warning: temperature {temperature:g} is above {HIGH_TEMPERATURE:g}: the output will be mostly noise "
              "(-t is --threads; --temp is the temperature)")
+
+
+def generation_options(params: Mapping[str, Any]) -> GenerationOptions:
+    """The `GenerationOptions` a command was given: its parameters of the same names (`format_`
+    is the CLI's spelling of `format`), so expand and batch build them one way."""
+    from kgen_cli.options import GenerationOptions
+
+    given = {name: params["format_" if name == "format" else name] for name in GenerationOptions.names()
+             if ("format_" if name == "format" else name) in params}
+    return GenerationOptions(**given)

@@ -118,12 +118,7 @@ def batch(
     if input == "-":
         require_open("stdin")
     spec = registry_spec_only(model, family)
-    options = kgen.GenerationOptions(
-        nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
-        aspect_ratio=aspect_ratio, ban=ban, retries=retries, format=format_, escape_parens=escape_parens,
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-        max_tokens=max_tokens,
-    )
+    options = o.generation_options(locals())
     # The shared options are checked before any model or file is touched.
     options.request("", family=spec.family, quality_line=spec.quality_line)
     VariantOptions.checked(variants, sampler, group_size, exploration)

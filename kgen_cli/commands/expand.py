@@ -106,12 +106,7 @@ def expand(
     require_open("stdout")  # before the model: every result goes there
     text = read_prompt(prompt, nl=nl)
     spec_model = registry_spec_only(model, family)
-    options = kgen.GenerationOptions(
-        nl=nl, tag_length=tag_length, nl_length=nl_length, operation=operation, width=width, height=height,
-        aspect_ratio=aspect_ratio, ban=ban, retries=retries, format=format_, escape_parens=escape_parens,
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-        max_tokens=max_tokens,
-    )
+    options = o.generation_options(locals())
     request = options.request(text, family=spec_model.family, quality_line=spec_model.quality_line)
     llama_log = llama_log or verbose >= 2
     engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
