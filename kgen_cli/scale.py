@@ -110,16 +110,18 @@ def _open_read(path: str):
 
 
 def _write_whole(directory: str, name: str, data: bytes) -> None:
-    """`directory/name` appears complete or not at all: a local file is written to a hidden
-    temporary name, synced and renamed over it; an object store's upload only shows once done."""
+    """`directory/name` appears complete or not at all: written to a hidden temporary name first
+    (synced, on a local disk), then renamed over it (on an object store: moved, which publishes
+    the object whole)."""
     path = _join(directory, name)
-    if _remote(directory):
-        filesystem, p = _pa_fs(path)
-        with filesystem.open_output_stream(p) as out:
-            out.write(data)
-        return
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    tmp = _join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
+        if _remote(directory):
+            filesystem, remote_tmp = _pa_fs(tmp)
+            with filesystem.open_output_stream(remote_tmp) as out:
+                out.write(data)
+            filesystem.move(remote_tmp, _pa_fs(path)[1])
+            return
         with open(tmp, "wb") as out:
             out.write(data)
             out.flush()
@@ -127,7 +129,7 @@ def _write_whole(directory: str, name: str, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            _delete(directory, os.path.basename(tmp))
         except OSError:
             pass
         raise
