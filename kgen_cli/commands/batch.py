@@ -76,7 +76,7 @@ def batch(
     ray: Annotated[bool, typer.Option("--ray", rich_help_panel=RAY, help="Run on Ray Data: the input cut into shards, expanded by actors that each hold the model; -o DIR gets one JSONL part file per shard. Needs pip install 'kgen-cli[ray]'; see docs/scale-out.md.")] = False,
     address: Annotated[Optional[str], typer.Option("--address", rich_help_panel=RAY, help="--ray: the cluster: auto (the one `ray start` runs on this machine), HOST:PORT or ray://HOST:PORT. \\[default: a local Ray for this run]")] = None,
     actors: Annotated[Optional[str], typer.Option("--actors", metavar="N[:M]", rich_help_panel=RAY, help="--ray: N actors, or N:M to autoscale between N and M. \\[default: the cluster's CPUs / --threads-per-actor]")] = None,
-    threads_per_actor: Annotated[int, typer.Option("--threads-per-actor", min=1, max=256, rich_help_panel=RAY, help="--ray: CPUs reserved for each actor, and its llama.cpp threads.")] = 1,
+    threads_per_actor: Annotated[int, typer.Option("--threads-per-actor", min=1, rich_help_panel=RAY, help="--ray: CPUs reserved for each actor, and its llama.cpp threads.")] = 1,
     gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", min=0, rich_help_panel=RAY, help="--ray: GPUs reserved for each actor (its layers offloaded per --gpu-layers).")] = 0.0,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, rich_help_panel=RAY, help="--ray: inputs per shard: one part file, one unit of work and of retry.")] = DEFAULT_SHARD_SIZE,
     merge: Annotated[bool, typer.Option("--merge", rich_help_panel=RAY, help="--ray: when every shard is written, print all records to stdout in input order.")] = False,
@@ -103,6 +103,11 @@ def batch(
     the batch unless --fail-fast; the exit status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
     written too, so the file may be out of order; their "index" tells).
+
+    --ray: the same batch on Ray Data, locally or on a cluster (--address): INPUT may be a file,
+    a directory or glob of files, or s3://...; -o DIR receives one JSONL part file per shard of
+    --shard-size inputs, each written whole, so a lost actor or a rerun never duplicates a
+    record; --resume runs the shards not yet written. See docs/scale-out.md.
     """
     import kgen_cli as kgen
     from kgen_cli import runner
