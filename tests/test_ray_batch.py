@@ -255,11 +255,16 @@ def ray_address(model_path, tmp_path_factory):
     home = tmp_path_factory.mktemp("ray-kgen-home")
     env = {"KGEN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    # Ray's token authentication keeps its token in ~/.ray, which another Ray on the machine may
+    # replace: this private cluster (and the drivers the tests start) go without.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        mp.undo()
 
 
 def ray_batch(capsys, model_path, src, out, *args) -> tuple[int, str, str]:
