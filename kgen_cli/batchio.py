@@ -143,7 +143,8 @@ def bounded_lines(stream: IO[bytes]) -> Iterator[bytes]:
             return
 
 
-def read_records(stream: Iterable[bytes | None], input_format: str | None) -> Iterator[InputRecord | None]:
+def read_records(stream: Iterable[bytes | None], input_format: str | None, *, first_index: int = 0,
+                 lines_before: int = 0) -> Iterator[InputRecord | None]:
     """Yield one record per prompt line, lazily (a 100k-line input is never held in memory).
 
     Blank lines and lines starting with `#` are skipped and take no index. A line that is not
@@ -151,10 +152,11 @@ def read_records(stream: Iterable[bytes | None], input_format: str | None) -> It
     seeds and resume stay aligned) and carries the reason in `error`. A None from `stream` ("no
     line ready yet", see `PipeLines`) is passed on as None. A line longer than MAX_PROMPT_BYTES
     raises UsageError: the input is not a prompt file (`stream` yields at most that much of a
-    line, see `bounded_lines`)."""
-    index = 0
+    line, see `bounded_lines`). `first_index` and `lines_before` number a slice of a larger
+    input as the whole input numbers it (`kgen batch --ray` shards)."""
+    index = first_index
     fmt = input_format
-    number = 0
+    number = lines_before
     for raw in stream:
         if raw is None:
             yield None
@@ -366,6 +368,42 @@ _LINE_BREAKS = re.compile(r"[ \t]*(?:\r\n|\r|\n)\s*")
 def one_line(text: str) -> str:
     """A formatted prompt on one line (text output): a multi-line --format is joined with spaces."""
     return _LINE_BREAKS.sub(" ", text.strip())
+
+
+def _record_head(rec: InputRecord, default_nl: str) -> dict:
+    from kgen_cli.records import SCHEMA_VERSION, batch_input_json
+
+    return {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
+            "input": batch_input_json(rec.fields, default_nl)}
+
+
+def result_record(rec: InputRecord, result: dict, *, default_nl: str = "", timings: bool = True) -> str:
+    """The JSONL line of a finished input (`kgen batch --output-format jsonl`, docs/json.md):
+    index, id or line number, input (`default_nl`: the batch's --nl), seed and the result (or its
+    variants), with timings unless `timings` is False (then a rerun gives a byte-identical line)."""
+    body = _record_head(rec, default_nl)
+    body["seed"] = result["seed"]
+    variants = result["variants"]
+    if result["n"] == 1:
+        body.update(variants[0].to_dict())
+    else:
+        body["variants"] = [v.to_dict() for v in variants]
+        body["duplicates_removed"] = result["duplicates"]
+    if timings:
+        body["timings"] = result["timings"]
+    else:
+        for v in body.get("variants", [body]):
+            for call in v.get("calls", ()):
+                call.pop("prompt_seconds", None)
+                call.pop("generate_seconds", None)
+    return json.dumps(body, ensure_ascii=False)
+
+
+def error_record(rec: InputRecord, error: BaseException, *, default_nl: str = "") -> str:
+    """The JSONL line of a failed input: what identifies it and the error message."""
+    body = _record_head(rec, default_nl)
+    body["error"] = str(error)
+    return json.dumps(body, ensure_ascii=False)
 
 
 def scan_done(path: str, output_format: str, variants: int) -> set[int]:

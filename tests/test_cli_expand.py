@@ -421,12 +421,13 @@ def test_show_prompt_needs_no_model_network_or_llama_cpp(isolated_home, name, ex
     assert not (isolated_home / "hf-cache").exists()  # nothing was downloaded
 
 
-def test_help_does_not_import_llama_cpp(isolated_home):
+def test_help_does_not_import_llama_cpp_or_ray(isolated_home):
     code = (
         "import sys\nfrom kgen_cli.cli import main\n"
         "for argv in (['--help'], ['expand', '--help'], ['batch', '--help'], ['models', '--help']):\n"
         "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('llama_cpp', 'numpy', 'huggingface_hub'))\n"
+        "heavy = ('llama_cpp', 'numpy', 'huggingface_hub', 'ray', 'pyarrow')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=kgen_env(isolated_home),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -14,11 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.commands._json import SCHEMA_VERSION, batch_input_json
-from kgen_cli.console import examples, info, require_open, status_line
+from kgen_cli.console import examples, info, require_open, status_line, stderr_is_tty
 from kgen_cli.errors import KgenError, StopRequested, UsageError
 from kgen_cli.options import VariantOptions
 from kgen_cli.paths import check_output_file
+from kgen_cli.scale import DEFAULT_SHARD_SIZE
 from kgen_cli.stopping import Interrupted, SignalStop
 
 
@@ -27,6 +26,7 @@ EXAMPLES = examples(
     "kgen batch prompts.jsonl -o out.jsonl --output-format jsonl --seed 1",
     "grep -v '^#' prompts.txt | kgen batch - -n 4 --parallel 8",
 )
+RAY = "Scale-out (Ray)"
 
 
 class InputFormat(str, Enum):
@@ -41,9 +41,9 @@ class OutputFormat(str, Enum):
 
 def batch(
     input: Annotated[str, typer.Argument(help="Prompt file, or '-' for stdin: one prompt per line, or JSONL objects.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file ('-' or none: stdout).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output file ('-' or none: stdout); with --ray a directory (or s3://..., gs://...) of JSONL part files.")] = None,
     input_format: Annotated[Optional[InputFormat], typer.Option("--input-format", help="lines or jsonl (default: jsonl when the first prompt line is a JSON object).")] = None,
-    output_format: Annotated[Optional[OutputFormat], typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input, docs/json.md). \\[default: jsonl for -o *.jsonl / *.ndjson, else text]")] = None,
+    output_format: Annotated[Optional[OutputFormat], typer.Option("--output-format", help="text (one prompt per line) or jsonl (one object per input, docs/json.md; --ray writes jsonl). \\[default: jsonl for -o *.jsonl / *.ndjson, else text]")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, max=o.MAX_SEQUENCES, help="Sequences decoded concurrently (continuous batching).")] = 16,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs already in -o OUTPUT and append the rest.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failing line.")] = False,
@@ -79,6 +79,13 @@ def batch(
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = 0,
     llama_log: o.LlamaLogOpt = False,
+    ray: Annotated[bool, typer.Option("--ray", rich_help_panel=RAY, help="Run on Ray Data: the input cut into shards, expanded by actors that each hold the model; -o DIR gets one JSONL part file per shard. Needs pip install 'kgen-cli[ray]'; see docs/scale-out.md.")] = False,
+    address: Annotated[Optional[str], typer.Option("--address", rich_help_panel=RAY, help="--ray: the cluster: auto (the one `ray start` runs on this machine), HOST:PORT or ray://HOST:PORT. \\[default: a local Ray for this run]")] = None,
+    actors: Annotated[Optional[str], typer.Option("--actors", metavar="N[:M]", rich_help_panel=RAY, help="--ray: N actors, or N:M to autoscale between N and M. \\[default: the cluster's CPUs / --threads-per-actor]")] = None,
+    threads_per_actor: Annotated[int, typer.Option("--threads-per-actor", min=1, rich_help_panel=RAY, help="--ray: CPUs reserved for each actor, and its llama.cpp threads.")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", min=0, rich_help_panel=RAY, help="--ray: GPUs reserved for each actor (its layers offloaded per --gpu-layers).")] = 0.0,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, rich_help_panel=RAY, help="--ray: inputs per shard: one part file, one unit of work and of retry.")] = DEFAULT_SHARD_SIZE,
+    merge: Annotated[bool, typer.Option("--merge", rich_help_panel=RAY, help="--ray: when every shard is written, print all records to stdout in input order.")] = False,
 ) -> None:
     """Expand every prompt of a file or stdin, concurrently; results in input order.
 
@@ -102,20 +109,32 @@ def batch(
     the batch unless --fail-fast; the exit status is then 1. Ctrl-C / SIGTERM: finished results are written, never a partial line, exit
     130/143; --resume -o OUTPUT then completes the rest (jsonl: records finished out of order were
     written too, so the file may be out of order; their "index" tells).
+
+    --ray: the same batch on Ray Data, locally or on a cluster (--address): INPUT may be a file,
+    a directory or glob of files, or s3://...; -o DIR receives one JSONL part file per shard of
+    --shard-size inputs, each written whole, so a lost actor or a rerun never duplicates a
+    record; --resume runs the shards not yet written. See docs/scale-out.md.
     """
     import kgen_cli as kgen
     from kgen_cli.batchio import OrderedWriter, OutputFile, PipeLines, bounded_lines, count_prompts, read_records, scan_done
     from kgen_cli.registry import registry_spec_only
 
-    if output is not None and str(output) == "-":
+    ray_args = {"--address": address is not None, "--actors": actors is not None, "--merge": merge,
+                "--threads-per-actor": threads_per_actor != 1, "--gpus-per-actor": gpus_per_actor != 0,
+                "--shard-size": shard_size != DEFAULT_SHARD_SIZE}
+    if not ray and (given := [name for name, set_ in ray_args.items() if set_]):
+        raise UsageError(f"{given[0]} is for --ray")
+    if output == "-":
         output = None
-    if resume and output is None:
+    if ray:
+        _check_ray_args(input, output, output_format, fail_fast, threads, merge)
+    elif resume and output is None:
         raise UsageError("--resume needs -o OUTPUT")
-    if output is not None:
-        _check_output(output, input)
+    elif output is not None:
+        _check_output(Path(output), input)
     else:
         require_open("stdout", hint="write the results to a file with -o FILE")
-    if input == "-":
+    if input == "-" and not ray:
         require_open("stdin")
     spec = registry_spec_only(model, family)
     options = o.generation_options(locals())
@@ -125,8 +144,21 @@ def batch(
     llama_log = llama_log or verbose >= 2
     engine_options = kgen.EngineOptions(model, family, gpu_layers, n_ctx, context_length, threads, llama_log).checked()
     o.warn_high_temperature(temperature)
+    if ray:
+        from kgen_cli import scale
+
+        cluster = scale.Cluster(address, scale.parse_actors(actors), threads_per_actor, gpus_per_actor)
+        scale.require_ray()
+        prepared = scale.prepare(input, output, shard_size=shard_size,
+                                 input_format=input_format.value if input_format else None, resume=resume,
+                                 seed=None if seed == o.RANDOM_SEED else seed)
+        job = scale.Job(options, engine_options, threads=threads_per_actor, variants=variants,
+                        parallel=parallel, sampler=sampler, group_size=group_size, exploration=exploration,
+                        timings=timings)
+        _run_on_ray(scale, prepared, job, cluster, merge=merge, quiet=quiet, verbose=verbose > 0)
+        return
     stream = sys.stdin.buffer if input == "-" else _open_input(input)
-    fmt = output_format.value if output_format is not None else _format_for(output)
+    fmt = output_format.value if output_format is not None else _format_for(None if output is None else Path(output))
     # Opened and locked now: an unwritable file fails before the model loads, and a second kgen
     # on the same file is refused before --resume reads it.
     sink = None if output is None else OutputFile(str(output), append=resume)
@@ -202,6 +234,47 @@ def _format_for(output: Path | None) -> str:
     return "jsonl" if output is not None and output.suffix.lower() in (".jsonl", ".ndjson") else "text"
 
 
+def _check_ray_args(input: str, output: str | None, output_format, fail_fast: bool, threads, merge: bool) -> None:
+    if input == "-":
+        raise UsageError("--ray reads files (a file, a directory, a glob, s3://...), not stdin")
+    if output is None:
+        raise UsageError("--ray needs -o DIR: the directory that receives the part files")
+    if output_format is OutputFormat.text:
+        raise UsageError("--ray writes JSONL records; --output-format text is for a local batch")
+    if fail_fast:
+        raise UsageError("--fail-fast is for a local batch; --ray records failures and goes on")
+    if threads is not None:
+        raise UsageError("with --ray, give the threads of each actor with --threads-per-actor")
+    if merge:
+        require_open("stdout", hint="--merge prints the records; redirect stdout to a file")
+
+
+def _run_on_ray(scale, prepared, job, cluster, *, merge: bool, quiet: bool, verbose: bool) -> None:
+    """The batch on Ray (kgen_cli/scale.py); the figures and interruptions reported as locally."""
+    stats = scale.RunStats()
+    stop = SignalStop()
+    try:
+        with stop.installed():
+            scale.run_batch(prepared, job, cluster, stats=stats, watch=stop.watch,
+                            progress=not quiet and stderr_is_tty(), verbose=verbose,
+                            on_log=(lambda _note: None) if quiet else info)
+    except Interrupted as exc:
+        info(f"interrupted: {scale.written(prepared)} of {stats.shards} shards written to {prepared.out}; "
+             f"--resume completes the rest")
+        raise typer.Exit(exc.exit_code) from None
+    if verbose:
+        for line in stats.actor_lines():
+            info(line)
+        info(f"ray: {stats.shards} shards ({stats.skipped} already written), {stats.records} prompts "
+             f"({stats.failed} failed), {stats.tokens} tokens generated")
+    if merge:
+        scale.merge(prepared.out, prepared.plan, sys.stdout.buffer.write)
+        sys.stdout.flush()
+    if stats.failed:
+        info(f"{stats.failed} of {stats.records} inputs failed (their error records are in {prepared.out})")
+        raise typer.Exit(1)
+
+
 def _check_output(output: Path, input: str) -> None:
     check_output_file(output, "--output")
     try:  # stdin too: `kgen batch - -o f < f` would empty f before reading it
@@ -253,9 +326,9 @@ class _BatchState:
             self.failed += 1
             message = f"line {rec.line}: {error}"
             if self.fmt == "jsonl":
-                body = {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
-                        "input": batch_input_json(rec.fields, self.nl), "error": str(error)}  # fmt: skip
-                self.writer.add(rec.index, [json.dumps(body, ensure_ascii=False)])
+                from kgen_cli.batchio import error_record
+
+                self.writer.add(rec.index, [error_record(rec, error, default_nl=self.nl)])
             else:
                 # One line per input keeps output line i with input prompt i (and --resume exact).
                 self.writer.add(rec.index, [""] if self.variants == 1 else [])
@@ -272,26 +345,11 @@ class _BatchState:
         self.progress(result)
 
     def _render(self, rec, result) -> list[str]:
-        from kgen_cli.batchio import one_line
+        from kgen_cli.batchio import one_line, result_record
 
-        variants = result["variants"]
         if self.fmt == "text":
-            return [one_line(v.formatted) for v in variants]
-        body = {"schema_version": SCHEMA_VERSION, "index": rec.index, "id": rec.key, "line": rec.line,
-                "input": batch_input_json(rec.fields, self.nl), "seed": result["seed"]}  # fmt: skip
-        if result["n"] == 1:
-            body.update(variants[0].to_dict())
-        else:
-            body["variants"] = [v.to_dict() for v in variants]
-            body["duplicates_removed"] = result["duplicates"]
-        if self.timings:
-            body["timings"] = result["timings"]
-        else:
-            for v in body.get("variants", [body]):
-                for call in v.get("calls", ()):
-                    call.pop("prompt_seconds", None)
-                    call.pop("generate_seconds", None)
-        return [json.dumps(body, ensure_ascii=False)]
+            return [one_line(v.formatted) for v in result["variants"]]
+        return [result_record(rec, result, default_nl=self.nl, timings=self.timings)]
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from kgen_cli.commands import _options as o
-from kgen_cli.commands._json import SCHEMA_VERSION, input_json
+from kgen_cli.records import SCHEMA_VERSION, input_json
 from kgen_cli.console import examples, info, plain_output, require_open, stdout_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.options import VariantOptions

@@ -1,4 +1,6 @@
-"""What every JSON document and JSONL record kgen writes shares (docs/json.md is the schema)."""
+"""What every JSON document and JSONL record kgen writes shares (docs/json.md is the schema):
+the schema version and the `input` object. Library code: `kgen batch`, `kgen batch --ray` and
+`kgen expand --json` build their records from these."""
 
 from __future__ import annotations
 
