@@ -110,6 +110,7 @@ def test_the_governor_follows_the_median_load_at_most_every_sample_interval():
 
 @pytest.mark.model
 def test_the_engine_follows_the_governor_between_decodes(model_path, monkeypatch):
+    from engine_calls import complete
     from kgen_cli import engine as eng
     from kgen_cli.sampling import CompletionRequest, SamplingParams
 
@@ -125,14 +126,14 @@ def test_the_engine_follows_the_governor_between_decodes(model_path, monkeypatch
         assert e.thread_policy.adaptive and start == min(threads.CpuView.read().usable, threads.MAX_THREADS)
         assert e.model_info["thread_policy"]["threads"] == start
         load[0] = 99  # every CPU taken by others: one thread, told to llama.cpp before the next decode
-        e.complete(CompletionRequest("1girl, solo,", 1, params))
+        complete(e, CompletionRequest("1girl, solo,", 1, params))
         assert e.n_threads == 1 and e._ll.llama_n_threads(e._ctx) == 1
         load[0] = 0
-        e.complete(CompletionRequest("1girl, solo,", 1, params))
+        complete(e, CompletionRequest("1girl, solo,", 1, params))
         assert e.n_threads == start and e._ll.llama_n_threads(e._ctx) == start
     with eng.Engine(model_path, n_ctx=256, n_threads=1) as fixed:  # --threads: never changed
         load[0] = 0
-        fixed.complete(CompletionRequest("1girl, solo,", 1, params))
+        complete(fixed, CompletionRequest("1girl, solo,", 1, params))
         assert fixed.n_threads == 1 and not fixed.thread_policy.adaptive
 
 

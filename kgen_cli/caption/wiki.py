@@ -194,11 +194,21 @@ class DescriptionCache:
         try:
             self._db = sqlite3.connect(str(path), timeout=60, isolation_level=None)
             self._db.execute("PRAGMA busy_timeout = 60000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS descriptions (tag TEXT NOT NULL, revision TEXT NOT NULL, "
-                "model TEXT NOT NULL, template TEXT NOT NULL, description TEXT NOT NULL, created REAL NOT NULL, "
-                "PRIMARY KEY (tag, revision, model, template))")
+            # Switching a new file to WAL while another run does the same can fail with
+            # "database is locked" without waiting on the busy timeout: retry that step.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self._db.execute("PRAGMA journal_mode = WAL")
+                    self._db.execute(
+                        "CREATE TABLE IF NOT EXISTS descriptions (tag TEXT NOT NULL, revision TEXT NOT NULL, "
+                        "model TEXT NOT NULL, template TEXT NOT NULL, description TEXT NOT NULL, created REAL NOT NULL, "
+                        "PRIMARY KEY (tag, revision, model, template))")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         except sqlite3.Error as exc:
             raise KgenError(f"cannot open the tag-description cache {path}: {exc}") from None
 
