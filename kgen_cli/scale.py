@@ -300,9 +300,7 @@ class Job:
     out: str = ""
     input_format: str = "lines"
     base_seed: int = 0
-    # Tests only: {"after": k, "marker": path}: the first actor to finish k records of a shard
-    # while `marker` does not exist creates it and exits its process (an actor lost mid-shard).
-    crash: dict | None = None
+    crash: dict | None = None  # tests only: see crash_hook
 
 
 def load_job_model(job: Job, **kwargs):
@@ -360,29 +358,31 @@ class _ShardWorker:
                                                   "load_seconds")}
         for text in batch["shard"]:
             engine = self.gen.engine
-            summary = run_shard(self.gen, Shard.from_json(str(text)), self.job, on_record=self._maybe_crash())
+            summary = run_shard(self.gen, Shard.from_json(str(text)), self.job, on_record=crash_hook(self.job.crash))
             loaded = self.gen.load_seconds if self.gen.engine is not engine else 0.0  # opened for this shard
             summary.update(actor=self.actor, load_seconds=loaded, seconds=summary["seconds"] - loaded)
             for key, value in summary.items():
                 rows[key].append(value)
         return rows
 
-    def _maybe_crash(self):
-        crash = self.job.crash
-        if not crash:
-            return None
-        seen = [0]
+def crash_hook(crash: dict | None) -> Callable[[], None] | None:
+    """Tests only (`Job.crash`): called after each finished record, the first actor to reach
+    `crash["after"]` records of a shard while `crash["marker"]` does not exist creates the
+    marker and exits its process: an actor lost mid-shard, which Ray replaces."""
+    if not crash:
+        return None
+    seen = [0]
 
-        def on_record() -> None:
-            seen[0] += 1
-            if seen[0] == crash["after"]:
-                try:
-                    os.close(os.open(crash["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    return
-                os._exit(1)
+    def on_record() -> None:
+        seen[0] += 1
+        if seen[0] == crash["after"]:
+            try:
+                os.close(os.open(crash["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+            os._exit(1)
 
-        return on_record
+    return on_record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,11 +543,7 @@ def run_batch(prepared: Prepared, job: Job, cluster: Cluster, *, stats: RunStats
 
     from kgen_cli.runner import random_seed
 
-    ray = require_ray()
-    with load_job_model(replace(job, model=job.engine.model), progress=progress, on_log=on_log) as gen:
-        resolved = gen.model
-    # A registry model by name (each node resolves its own copy), a file by its full path.
-    model = job.engine.model if resolved.spec is not None else str(Path(resolved.path).resolve())
+    model = model_for_actors(job.engine.model, family=job.engine.family, progress=progress, on_log=on_log)
     plain = {f.name: getattr(job.options, f.name) for f in fields(job.options)}  # the CLI's enums as values
     options = replace(job.options, **{k: v.value for k, v in plain.items() if isinstance(v, Enum)})
     seed = random_seed() if prepared.seed is None else prepared.seed
@@ -559,20 +555,75 @@ def run_batch(prepared: Prepared, job: Job, cluster: Cluster, *, stats: RunStats
     stats.skipped = stats.shards - len(prepared.todo)
     if not prepared.todo:
         return stats
+    rows = [{"shard": s.to_json()} for s in prepared.todo]
+    for row in map_on_actors(rows, _ShardWorker, {"job": job}, cluster, watch=watch, progress=progress,
+                             verbose=verbose):
+        stats.add(row)
+    return stats
+
+
+def model_for_actors(model: str | None, *, family: str | None, **load_kwargs) -> str:
+    """What each actor loads: a registry model by name (fetched here first, once; each node
+    resolves its own copy), a local file by its full path (missing: an error before Ray starts)."""
+    from kgen_cli.api import load
+
+    with load(model, family=family, lazy=True, **load_kwargs) as gen:
+        resolved = gen.model
+    return model if resolved.spec is not None else str(Path(resolved.path).resolve())
+
+
+def map_on_actors(rows: list[dict], worker: type, kwargs: dict, cluster: Cluster, *, watch: Callable = iter,
+                  progress: bool = False, verbose: bool = False) -> Iterator[dict]:
+    """Run `worker` over `rows` on a pool of Ray actors and yield its output rows as they come.
+
+    Each row is one Ray batch (`batch_size=1`); each actor is one `worker(**kwargs)` (its model
+    loaded once) with `cluster.threads` CPUs (and `cluster.gpus` GPUs) reserved. A local Ray is
+    started for the call (and stopped after it) unless this process already joined one. `watch`
+    wraps the stream (the command makes its waits interruptible by its signals); an interrupted
+    or failed run stops Ray Data's execution, its actors with it."""
+    ray = require_ray()
+    _ray_notes_off_stdout(verbose)
     started_here = not ray.is_initialized()
     if started_here:
         _init_ray(ray, cluster.address, verbose)
-    rows = _rows(ray, prepared.todo, job, cluster, progress, verbose)
+    out = _pool_rows(ray, rows, worker, kwargs, cluster, progress, verbose)
     try:
-        for row in watch(rows):
-            stats.add(row)
+        yield from watch(out)
     except ray.exceptions.RayError as exc:
         raise _ray_failure(exc) from exc
     finally:
-        rows.close()  # an interrupted run stops Ray Data's execution (its actors go with it)
+        out.close()
         if started_here:
             ray.shutdown()
-    return stats
+
+
+_RAY_NOTES = {"show": False}  # the cluster's error notes on stderr (--verbose) or nowhere
+
+
+def _ray_notes_off_stdout(verbose: bool) -> None:
+    """Ray's driver prints the cluster's error notes ("Task ... will be retried" after an actor
+    died) on stdout, whatever `log_to_driver` says (`ray._private.worker.listen_error_messages`
+    calls `print_to_stdstream` with `is_err` False). kgen's stdout carries results only: they go
+    to stderr with --verbose, else nowhere (a failure that matters reaches kgen as an exception).
+    Patched by name in Ray's module, where the listener looks it up; a Ray without it is left be."""
+    _RAY_NOTES["show"] = verbose
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "kgen", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") == "raylet" and not data.get("is_err"):
+            if not _RAY_NOTES["show"]:
+                return
+            data = {**data, "is_err": True}
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.kgen = True
+    worker.print_to_stdstream = print_to_stdstream
 
 
 def _ray_failure(exc: BaseException) -> KgenError:
@@ -640,8 +691,9 @@ def _stderr_held(hold: bool):
             os.close(saved)
 
 
-def _rows(ray, todo: list[Shard], job: Job, cluster: Cluster, progress: bool, verbose: bool) -> Iterator[dict]:
-    """The finished shards' figures, as Ray's actors finish them."""
+def _pool_rows(ray, rows: list[dict], worker: type, kwargs: dict, cluster: Cluster, progress: bool,
+               verbose: bool) -> Iterator[dict]:
+    """The worker's output rows, as Ray's actors finish the input rows."""
     import logging
 
     context = ray.data.DataContext.get_current()
@@ -654,10 +706,10 @@ def _rows(ray, todo: list[Shard], job: Job, cluster: Cluster, progress: bool, ve
         low, high = cluster.actors
     else:  # as many actors as the cluster has CPUs for
         low = high = max(1, int(ray.cluster_resources().get("CPU", 1) // cluster.threads))
-    high = min(high, len(todo))  # more actors than shards would only load the model for nothing
+    high = min(high, len(rows))  # more actors than rows would only load the model for nothing
     low = min(low, high)
     strategy = ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=1)
-    shards = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
-    done = shards.map_batches(_ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1, compute=strategy,
+    items = ray.data.from_items(rows, override_num_blocks=len(rows))
+    done = items.map_batches(worker, fn_constructor_kwargs=kwargs, batch_size=1, compute=strategy,
                               num_cpus=cluster.threads, num_gpus=cluster.gpus or None)
     yield from done.iter_rows()

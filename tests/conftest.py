@@ -81,3 +81,25 @@ def model_path() -> Path:
     if not llama_cpp_available():
         pytest.skip("llama-cpp-python is not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_address(model_path, tmp_path_factory):
+    """One local Ray for the session (2 CPUs), started by the first `ray` test; its actors see
+    this checkout and a KGEN_HOME of their own."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    home = tmp_path_factory.mktemp("ray-kgen-home")
+    checkout = str(Path(__file__).resolve().parent.parent)
+    env = {"KGEN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))}
+    # Ray's token authentication keeps its token in ~/.ray, which another Ray on the machine may
+    # replace: this private cluster (and the drivers the tests start) go without.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        mp.undo()

@@ -139,7 +139,8 @@ class Captioner:
         record.update(fields)
         return record
 
-    def _emit(self, record: dict) -> None:
+    def emit(self, record: dict) -> None:
+        """Count one image's record and pass it to `on_record` (--fail-fast: stop at an error)."""
         status = record["status"]
         if status == "error":
             self.stats.failed += 1
@@ -165,14 +166,14 @@ class Captioner:
             try:
                 out = caption_path(item, s.caption_ext, s.out_dir)
                 if not pending(out, s.existing):
-                    self._emit(self._record(item, out, status="skipped"))
+                    self.emit(self._record(item, out, status="skipped"))
                     continue
                 size = image_size(item.path)
                 tags = s.shaping.tags(read_tags(item.tag_path))
                 if not tags:
                     raise KgenError(f"{item.tag_path}: no tags left after shaping")
             except KgenError as exc:
-                self._emit(self._record(item, out, status="error", error=str(exc)))
+                self.emit(self._record(item, out, status="error", error=str(exc)))
                 continue
             todo.append(Prepared(item, out, tags, size))
         return todo
@@ -273,10 +274,10 @@ class Captioner:
                 except OSError as exc:
                     error = KgenError(f"cannot write {p.out}: {exc.strerror or exc}")
             if error is not None:
-                self._emit(self._record(p.item, p.out, status="error", error=str(error), **base,
+                self.emit(self._record(p.item, p.out, status="error", error=str(error), **base,
                                         **({"prompts": value["prompts"]} if value else {}), seconds=seconds))
                 return
-            self._emit(self._record(p.item, p.out, status=status, **base, prompts=value["prompts"],
+            self.emit(self._record(p.item, p.out, status=status, **base, prompts=value["prompts"],
                                     **{k: v for k, v in value.items() if k not in ("prompts", "caption")},
                                     caption=caption, seconds=seconds))
 

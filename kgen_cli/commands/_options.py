@@ -10,6 +10,7 @@ import typer
 if TYPE_CHECKING:
     from kgen_cli.options import GenerationOptions
 
+from kgen_cli.errors import UsageError
 from kgen_cli.sampling import MAX_N_CTX, MAX_SEQUENCES, MIN_CONTEXT_LENGTH, MIN_N_CTX, SEED_MAX, finite_float
 
 RANDOM_SEED = -1  # --seed -1: a random seed, as the ComfyUI/A1111 extensions write it
@@ -118,6 +119,29 @@ GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", min=1, rich
 ExplorationOpt = Annotated[Optional[float], typer.Option("--exploration", min=0.0, parser=finite_float, rich_help_panel=VARIANTS, help="TGTS: UCT exploration constant. \\[default: 1.0]")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="kgen's diagnostics on stderr: model, seed, threads, timings, decode figures; -vv adds llama.cpp's own log.")]
 LlamaLogOpt = Annotated[bool, typer.Option("--llama-log", help="llama.cpp's own log on stderr (as -vv).")]
+
+RAY = "Scale-out (Ray)"
+AddressOpt = Annotated[Optional[str], typer.Option("--address", rich_help_panel=RAY, help="--ray: the cluster: auto (the one `ray start` runs on this machine), HOST:PORT or ray://HOST:PORT. \\[default: a local Ray for this run]")]
+ActorsOpt = Annotated[Optional[str], typer.Option("--actors", metavar="N[:M]", rich_help_panel=RAY, help="--ray: N actors, or N:M to autoscale between N and M. \\[default: the cluster's CPUs / --threads-per-actor]")]
+ThreadsPerActorOpt = Annotated[int, typer.Option("--threads-per-actor", min=1, rich_help_panel=RAY, help="--ray: CPUs reserved for each actor, and its llama.cpp threads.")]
+GpusPerActorOpt = Annotated[float, typer.Option("--gpus-per-actor", min=0, rich_help_panel=RAY, help="--ray: GPUs reserved for each actor (its layers offloaded per --gpu-layers).")]
+ShardSizeOpt = Annotated[int, typer.Option("--shard-size", min=1, rich_help_panel=RAY, help="--ray: inputs (prompts, images) per shard: one unit of work and of retry.")]
+
+
+def ray_cluster(ray: bool, address: str | None, actors: str | None, threads_per_actor: int, gpus_per_actor: float,
+                shard_size: int, **others: bool):  # fmt: skip
+    """The `scale.Cluster` of the Ray options (None without --ray). Without --ray, any Ray option
+    given (`others`: the command's own, name -> given) is a usage error."""
+    from kgen_cli.scale import DEFAULT_SHARD_SIZE, Cluster, parse_actors
+
+    given = {"--address": address is not None, "--actors": actors is not None,
+             "--threads-per-actor": threads_per_actor != 1, "--gpus-per-actor": gpus_per_actor != 0,
+             "--shard-size": shard_size != DEFAULT_SHARD_SIZE, **others}
+    if not ray:
+        if named := [name for name, set_ in given.items() if set_]:
+            raise UsageError(f"{named[0]} is for --ray")
+        return None
+    return Cluster(address, parse_actors(actors), threads_per_actor, gpus_per_actor)
 
 
 

@@ -26,7 +26,6 @@ EXAMPLES = examples(
     "kgen batch prompts.jsonl -o out.jsonl --output-format jsonl --seed 1",
     "grep -v '^#' prompts.txt | kgen batch - -n 4 --parallel 8",
 )
-RAY = "Scale-out (Ray)"
 
 
 class InputFormat(str, Enum):
@@ -79,13 +78,13 @@ def batch(
     threads: o.ThreadsOpt = None,
     verbose: o.VerboseOpt = 0,
     llama_log: o.LlamaLogOpt = False,
-    ray: Annotated[bool, typer.Option("--ray", rich_help_panel=RAY, help="Run on Ray Data: the input cut into shards, expanded by actors that each hold the model; -o DIR gets one JSONL part file per shard. Needs pip install 'kgen-cli[ray]'; see docs/scale-out.md.")] = False,
-    address: Annotated[Optional[str], typer.Option("--address", rich_help_panel=RAY, help="--ray: the cluster: auto (the one `ray start` runs on this machine), HOST:PORT or ray://HOST:PORT. \\[default: a local Ray for this run]")] = None,
-    actors: Annotated[Optional[str], typer.Option("--actors", metavar="N[:M]", rich_help_panel=RAY, help="--ray: N actors, or N:M to autoscale between N and M. \\[default: the cluster's CPUs / --threads-per-actor]")] = None,
-    threads_per_actor: Annotated[int, typer.Option("--threads-per-actor", min=1, rich_help_panel=RAY, help="--ray: CPUs reserved for each actor, and its llama.cpp threads.")] = 1,
-    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", min=0, rich_help_panel=RAY, help="--ray: GPUs reserved for each actor (its layers offloaded per --gpu-layers).")] = 0.0,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, rich_help_panel=RAY, help="--ray: inputs per shard: one part file, one unit of work and of retry.")] = DEFAULT_SHARD_SIZE,
-    merge: Annotated[bool, typer.Option("--merge", rich_help_panel=RAY, help="--ray: when every shard is written, print all records to stdout in input order.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", rich_help_panel=o.RAY, help="Run on Ray Data: the input cut into shards, expanded by actors that each hold the model; -o DIR gets one JSONL part file per shard. Needs pip install 'kgen-cli[ray]'; see docs/scale-out.md.")] = False,
+    address: o.AddressOpt = None,
+    actors: o.ActorsOpt = None,
+    threads_per_actor: o.ThreadsPerActorOpt = 1,
+    gpus_per_actor: o.GpusPerActorOpt = 0.0,
+    shard_size: o.ShardSizeOpt = DEFAULT_SHARD_SIZE,
+    merge: Annotated[bool, typer.Option("--merge", rich_help_panel=o.RAY, help="--ray: when every shard is written, print all records to stdout in input order.")] = False,
 ) -> None:
     """Expand every prompt of a file or stdin, concurrently; results in input order.
 
@@ -119,11 +118,8 @@ def batch(
     from kgen_cli.batchio import OrderedWriter, OutputFile, PipeLines, bounded_lines, count_prompts, read_records, scan_done
     from kgen_cli.registry import registry_spec_only
 
-    ray_args = {"--address": address is not None, "--actors": actors is not None, "--merge": merge,
-                "--threads-per-actor": threads_per_actor != 1, "--gpus-per-actor": gpus_per_actor != 0,
-                "--shard-size": shard_size != DEFAULT_SHARD_SIZE}
-    if not ray and (given := [name for name, set_ in ray_args.items() if set_]):
-        raise UsageError(f"{given[0]} is for --ray")
+    cluster = o.ray_cluster(ray, address, actors, threads_per_actor, gpus_per_actor, shard_size,
+                            **{"--merge": merge})
     if output == "-":
         output = None
     if ray:
@@ -147,7 +143,6 @@ def batch(
     if ray:
         from kgen_cli import scale
 
-        cluster = scale.Cluster(address, scale.parse_actors(actors), threads_per_actor, gpus_per_actor)
         scale.require_ray()
         prepared = scale.prepare(input, output, shard_size=shard_size,
                                  input_format=input_format.value if input_format else None, resume=resume,

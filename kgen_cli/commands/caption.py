@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +17,7 @@ from kgen_cli.caption.output import Existing
 from kgen_cli.console import err_console, examples, info, require_open, stderr_is_tty, write_result
 from kgen_cli.errors import KgenError, UsageError
 from kgen_cli.paths import check_output_file
+from kgen_cli.scale import DEFAULT_SHARD_SIZE
 from kgen_cli.sampling import MAX_N_CTX, MIN_CONTEXT_LENGTH, MIN_N_CTX, finite_float
 
 EXAMPLES = examples(
@@ -74,6 +75,12 @@ def caption(
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display, no summary line.")] = False,
     verbose: o.VerboseOpt = False,
+    ray: Annotated[bool, typer.Option("--ray", rich_help_panel=o.RAY, help="Run on Ray Data (tipo, chat): the images cut into shards, captioned by actors that each hold the model; the dataset and the captions on a path every node sees. Needs pip install 'kgen-cli[ray]'; see docs/scale-out.md.")] = False,
+    address: o.AddressOpt = None,
+    actors: o.ActorsOpt = None,
+    threads_per_actor: o.ThreadsPerActorOpt = 1,
+    gpus_per_actor: o.GpusPerActorOpt = 0.0,
+    shard_size: o.ShardSizeOpt = DEFAULT_SHARD_SIZE,
 ) -> None:
     """Caption a training dataset: one natural-language caption per image, from its tag file.
 
@@ -85,6 +92,9 @@ def caption(
     order gets seed S + i. A rerun skips the images that have a caption (resume). An image that
     fails gets an error record and the run goes on (exit 1 at the end); Ctrl-C / SIGTERM keep the
     finished captions, never a partial file (exit 130/143). See docs/caption.md.
+
+    --ray: the same run on Ray Data, locally or on a cluster (--address), each actor holding the
+    model; the records come back here. See docs/scale-out.md.
     """
     from kgen_cli import runner
     from kgen_cli.caption import templates
@@ -97,6 +107,17 @@ def caption(
     from kgen_cli.stopping import Interrupted, SignalStop
 
     kind = backend.value
+    cluster = o.ray_cluster(ray, address, actors, threads_per_actor, gpus_per_actor, shard_size)
+    if ray:
+        from kgen_cli.caption.scale import check_ray_policy
+        from kgen_cli.scale import require_ray
+
+        check_ray_policy(kind, existing)
+        require_ray()
+        if threads is not None:
+            raise UsageError("with --ray, give the threads of each actor with --threads-per-actor")
+        if describe_only:
+            raise UsageError("--describe-only fills this machine's description cache; run it without --ray")
     tags_ext = check_extension(tags_ext, "--tags-ext")
     caption_ext = check_extension(caption_ext, "--caption-ext")
     if output is not None:
@@ -145,6 +166,7 @@ def caption(
             info(f"no images in {source}")
         return
 
+    template_name = None
     engine_options = dict(parallel=parallel, n_ctx=n_ctx, context_length=context_length, threads=threads,
                           gpu_layers=layers, verbose=verbose)
     from kgen_cli.caption import backends
@@ -160,6 +182,7 @@ def caption(
     elif kind == "chat":
         path, template_name = backends.chat_model(model, chat_template)  # checked before any image is read
         model_name = path.name
+        model = str(path.absolute())
 
         def open_backend():
             return backends.load_chat(path, chat_template=template_name, max_tokens=params.max_tokens,
@@ -174,7 +197,7 @@ def caption(
 
     cache = None
     loader = None
-    if wiki:
+    if wiki and cluster is None:
         from kgen_cli.caption.wiki import CACHE_FILE, DescriptionCache, open_wiki
         from kgen_cli.paths import kgen_home
 
@@ -203,7 +226,13 @@ def caption(
             captioner = Captioner(settings, open_backend, model_name=model_name, on_record=on_record,
                                   check=stop.check, wiki=loader, cache=cache)
             try:
-                stats = captioner.run(items, describe_only=describe_only)
+                if cluster is None:
+                    stats = captioner.run(items, describe_only=describe_only)
+                else:
+                    stats = _run_on_ray(captioner, items, cluster, stop, kind=kind, model=model,
+                                        chat_template=template_name, wiki=wiki,
+                                        max_tokens=params.max_tokens, engine=engine_options, shard_size=shard_size,
+                                        quiet=quiet, verbose=verbose)
                 stop.check()
             except Interrupted as exc:
                 stop.finishing = True
@@ -230,6 +259,37 @@ def caption(
         info(f"{stats.summary(describe_only=describe_only)} in {elapsed:.1f}s")
     if stats.failed:
         raise typer.Exit(1)
+
+
+def _run_on_ray(captioner, items, cluster, stop, *, kind: str, model: str | None, chat_template: str | None,
+                wiki: str | None, max_tokens: int, engine: dict, shard_size: int, quiet: bool, verbose: bool):
+    """The images captioned by Ray actors (kgen_cli/caption/scale.py); their records reported as
+    a local run reports them. Paths are made absolute: the actors run in other folders."""
+    from dataclasses import replace
+
+    from kgen_cli.caption import scale as caption_scale
+    from kgen_cli.caption.discovery import ImageItem
+    from kgen_cli.scale import model_for_actors
+
+    if kind == "tipo":
+        model = model_for_actors(model, family="tipo", progress=not quiet, on_log=(lambda _note: None) if quiet else info)
+    s = captioner.settings
+    settings = replace(s, out_dir=s.out_dir.absolute() if s.out_dir is not None else None)
+    job = caption_scale.CaptionJob(settings, kind, model, captioner.model_name, max_tokens,
+                                   {**engine, "threads": cluster.threads}, chat_template=chat_template, wiki=wiki)
+    items = [ImageItem(i.index, i.path.absolute(), i.rel, i.tag_path.absolute()) for i in items]
+    captioner.stats.images += len(items)
+    per_actor: dict[str, int] = {}
+    # kgen's own progress line counts the records; Ray Data's bars stay off.
+    with closing(caption_scale.run(items, job, cluster, shard_size=shard_size, watch=stop.watch,
+                                   verbose=verbose)) as records:
+        for record, actor in records:  # --fail-fast raises here: closing stops the run on Ray
+            per_actor[actor] = per_actor.get(actor, 0) + 1
+            captioner.emit(record)
+    if verbose:
+        for actor, n in sorted(per_actor.items()):
+            info(f"actor {actor}: {n} images")
+    return captioner.stats
 
 
 @contextmanager
