@@ -148,3 +148,45 @@ def test_an_actor_lost_mid_shard_still_gives_every_image_one_caption(ray_address
     assert sorted(captions(root)) == sorted(Path(n).with_suffix(".caption").as_posix() for n in GOOD)
     assert all(text.count("\n") == 1 for text in captions(root).values())  # one caption each, never two
     assert not [p for p in root.rglob("*.tmp")]
+
+
+@pytest.mark.ray
+@pytest.mark.model
+def test_an_interrupted_ray_run_then_a_rerun_gives_every_image_one_caption(ray_address, model_path, isolated_home,
+                                                                          tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from PIL import Image
+
+    from test_caption_model import REPO_ROOT, env_for
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(24):
+        Image.new("RGB", (16 + i, 16)).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"1girl, item{i}")
+    argv = [sys.executable, "-m", "kgen_cli", "caption", str(root), "--backend", "chat", "-m", str(model_path),
+            "--max-tokens", "16", "--parallel", "2", "--seed", "1", "--address", ray_address, "--shard-size", "2",
+            *ACTORS]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env_for(isolated_home, RAY_AUTH_MODE="disabled"), cwd=REPO_ROOT)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not list(root.glob("*.caption")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    assert stdout == b"" and b"interrupted:" in stderr and stderr.count(b"\n") == 1, stderr.decode()[-2000:]
+    time.sleep(2)  # the job's actors, which Ray stops with the driver, may finish a caption meanwhile
+    first = captions(root)
+    assert len(first) < 24
+    assert not list(root.glob(".*.tmp"))  # no partial file
+
+    rerun = kgen(isolated_home, *argv[4:], RAY_AUTH_MODE="disabled")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    final = captions(root)
+    assert len(final) == 24 and all(final[k] == v for k, v in first.items())
+    assert all(text.count("\n") == 1 for text in final.values())  # each caption exactly once
