@@ -181,13 +181,21 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise EngineError(f"model file not found: {path}")
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 24:
-                raise EngineError(f"{path} is not a GGUF model (file is only {size} bytes)")
+            st = os.fstat(fh.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if key in _GGUF_SEEN:  # a load checks the file twice (runner, Engine): parsed once
+                return dict(_GGUF_SEEN[key])
+            if st.st_size < 24:
+                raise EngineError(f"{path} is not a GGUF model (file is only {st.st_size} bytes)")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse_gguf(path, _GGUFReader(buf))
+                meta = _parse_gguf(path, _GGUFReader(buf))
     except OSError as exc:
         raise EngineError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    _GGUF_SEEN[key] = meta
+    return dict(meta)
+
+
+_GGUF_SEEN: dict[tuple, dict[str, Any]] = {}  # (device, inode, size, mtime) -> the parsed header
 
 
 def _parse_gguf(path: Path, r: _GGUFReader) -> dict[str, Any]:
