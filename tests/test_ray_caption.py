@@ -118,11 +118,14 @@ def test_chat_captions_on_2_actors_equal_a_local_run_and_a_rerun_skips_them(ray_
 def test_tipo_captions_on_ray_go_to_out_dir_as_locally(ray_address, model_path, isolated_home, tmp_path, capsys,
                                                         monkeypatch):
     root = make_dataset(tmp_path / "data")
-    monkeypatch.chdir(tmp_path)  # a relative --out-dir: the actors get it made absolute
-    code, records, err = ray_caption(capsys, root, "-m", str(model_path), "--out-dir", "caps", "--shard-size", "4",
-                                     "--nl-length", "very_short", "-o", "report.jsonl")
+    monkeypatch.chdir(tmp_path)  # relative paths: the actors get them made absolute, the records keep them
+    code, records, err = ray_caption(capsys, Path("data"), "-m", str(model_path), "--out-dir", "caps",
+                                     "--shard-size", "4", "--nl-length", "very_short", "-o", "report.jsonl")
     assert code == 1, err[-2000:]
     check_records(records, root)
+    for r in records:
+        assert r["image"].startswith("data/") and r["tags_file"].startswith("data/")
+        assert r["caption_file"] == str(Path("caps", Path(r["image"]).relative_to("data")).with_suffix(".caption"))
     assert [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()] == records
     assert not list(root.rglob("*.caption"))
     local = tmp_path / "local"

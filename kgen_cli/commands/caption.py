@@ -264,11 +264,13 @@ def caption(
 def _run_on_ray(captioner, items, cluster, stop, *, kind: str, model: str | None, chat_template: str | None,
                 wiki: str | None, max_tokens: int, engine: dict, shard_size: int, quiet: bool, verbose: bool):
     """The images captioned by Ray actors (kgen_cli/caption/scale.py); their records reported as
-    a local run reports them. Paths are made absolute: the actors run in other folders."""
+    a local run reports them. The actors get absolute paths (they run in other folders); the
+    records show the paths as given, as a local run's do."""
     from dataclasses import replace
 
     from kgen_cli.caption import scale as caption_scale
     from kgen_cli.caption.discovery import ImageItem
+    from kgen_cli.caption.output import caption_path
     from kgen_cli.scale import model_for_actors
 
     if kind == "tipo":
@@ -277,14 +279,19 @@ def _run_on_ray(captioner, items, cluster, stop, *, kind: str, model: str | None
     settings = replace(s, out_dir=s.out_dir.absolute() if s.out_dir is not None else None)
     job = caption_scale.CaptionJob(settings, kind, model, captioner.model_name, max_tokens,
                                    {**engine, "threads": cluster.threads}, chat_template=chat_template, wiki=wiki)
-    items = [ImageItem(i.index, i.path.absolute(), i.rel, i.tag_path.absolute()) for i in items]
+    given = {i.index: i for i in items}
+    shipped = [ImageItem(i.index, i.path.absolute(), i.rel, i.tag_path.absolute()) for i in items]
     captioner.stats.images += len(items)
     per_actor: dict[str, int] = {}
     # kgen's own progress line counts the records; Ray Data's bars stay off.
-    with closing(caption_scale.run(items, job, cluster, shard_size=shard_size, watch=stop.watch,
+    with closing(caption_scale.run(shipped, job, cluster, shard_size=shard_size, watch=stop.watch,
                                    verbose=verbose)) as records:
         for record, actor in records:  # --fail-fast raises here: closing stops the run on Ray
             per_actor[actor] = per_actor.get(actor, 0) + 1
+            item = given[record["index"]]  # the paths as a local run writes them
+            record.update(image=str(item.path), tags_file=str(item.tag_path))
+            if record["caption_file"] is not None:
+                record["caption_file"] = str(caption_path(item, s.caption_ext, s.out_dir))
             captioner.emit(record)
     if verbose:
         for actor, n in sorted(per_actor.items()):
