@@ -193,3 +193,19 @@ def test_an_interrupted_ray_run_then_a_rerun_gives_every_image_one_caption(ray_a
     final = captions(root)
     assert len(final) == 24 and all(final[k] == v for k, v in first.items())
     assert all(text.count("\n") == 1 for text in final.values())  # each caption exactly once
+
+
+@pytest.mark.ray
+@pytest.mark.model
+def test_wiki_descriptions_on_ray_actors(ray_address, model_path, tmp_path, capsys):
+    """The describe stage runs on the actors (the wiki table opened there, each node's own
+    description cache): every image is captioned from a template that asks for descriptions."""
+    root = make_dataset(tmp_path / "data")
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text("".join(json.dumps({"title": t, "body": f"h4. About\nThe [[{t}]] tag."}) + "\n"
+                            for t in ("1girl", "solo", "cat", "sky")))
+    code, records, err = ray_caption(capsys, root, "--backend", "chat", "-m", str(model_path), "--shard-size", "3",
+                                     "--wiki", str(wiki), "--template", "short-no-description")
+    assert code == 1, err[-2000:]
+    check_records(records, root)
+    assert sorted(captions(root)) == sorted(Path(n).with_suffix(".caption").as_posix() for n in GOOD)

@@ -92,6 +92,7 @@ class _CaptionWorker:
     def __init__(self, job: CaptionJob):
         self.job = job
         self.backend = None
+        self.table = None
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
 
     def _open(self):
@@ -99,17 +100,25 @@ class _CaptionWorker:
             self.backend = open_backend(self.job)
         return self.backend
 
+    def _wiki(self):
+        """The wiki table, read once per actor (when a tag first needs describing), not per shard."""
+        if self.table is None:
+            from kgen_cli.caption.wiki import open_wiki
+
+            self.table = open_wiki(self.job.wiki)
+        return self.table
+
     def __call__(self, batch: dict) -> dict:
         job = self.job
         out: list[str] = []
         crash = crash_hook(job.crash) or (lambda: None)
         wiki = cache = None
         if job.wiki:
-            from kgen_cli.caption.wiki import CACHE_FILE, DescriptionCache, open_wiki
+            from kgen_cli.caption.wiki import CACHE_FILE, DescriptionCache
             from kgen_cli.paths import kgen_home
 
             cache = DescriptionCache(kgen_home() / CACHE_FILE)  # each node's own cache
-            wiki = lambda: open_wiki(job.wiki)  # noqa: E731 - opened when a tag needs describing
+            wiki = self._wiki
 
         def on_record(record: dict) -> None:
             out.append(json.dumps(record, ensure_ascii=False))
@@ -127,9 +136,10 @@ class _CaptionWorker:
 
 
 def run(items: list[ImageItem], job: CaptionJob, cluster: Cluster, *, shard_size: int, watch: Callable = iter,
-        progress: bool = False, verbose: bool = False) -> Iterator[tuple[dict, str]]:
+        verbose: bool = False) -> Iterator[tuple[dict, str]]:
     """Caption `items` on Ray; yields (record, actor) for each image, the record as a local run's
-    `on_record` gets it, as its shard finishes."""
+    `on_record` gets it, as its shard finishes (the caller shows progress by records: Ray Data's
+    bars stay off)."""
     for row in map_on_actors(shard_rows(items, shard_size), _CaptionWorker, {"job": job}, cluster, watch=watch,
-                             progress=progress, verbose=verbose):
+                             verbose=verbose):
         yield json.loads(row["record"]), str(row["actor"])
