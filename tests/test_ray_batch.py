@@ -243,7 +243,8 @@ def test_without_ray_installed_ray_is_a_one_line_usage_error_naming_the_extra(ca
 # The command on a local Ray and the real model
 # ---------------------------------------------------------------------------------------------
 
-RAY_FAST = tuple(a for a in FAST if a not in ("--threads", "1"))  # actors get --threads-per-actor
+_AT = FAST.index("--threads")
+RAY_FAST = FAST[:_AT] + FAST[_AT + 2 :]  # without --threads N: actors get --threads-per-actor
 ACTORS = ("--actors", "2", "--threads-per-actor", "1")
 
 
