@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> None:
         from typer import rich_utils
 
         rich_utils.COLOR_SYSTEM = None
+    args = sys.argv[1:] if argv is None else argv
+    named_shell = _completion_shell(args)
+    detection = os.environ.get(_TYPER_NO_SHELL_DETECTION)
+    if named_shell:
+        os.environ[_TYPER_NO_SHELL_DETECTION] = "1"  # read while the command is built, and by its callback
     command = typer.main.get_command(app)
-    if (bad := _not_utf8(sys.argv[1:] if argv is None else argv)) is not None:
+    if (bad := _not_utf8(args)) is not None:
         _fail(f"argument {bad} is not valid UTF-8", 2)
     try:
         # Without standalone mode click returns typer.Exit's code instead of exiting.
@@ -133,6 +138,38 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_escape(f"{type(exc).__name__}: {exc}".splitlines()[0]) + hint, 1)
     else:
         sys.exit(code if isinstance(code, int) else 0)
+    finally:
+        if named_shell and detection is None:
+            os.environ.pop(_TYPER_NO_SHELL_DETECTION, None)
+
+
+# Typer's switch from "the shell this runs under" (shellingham) to a named shell for
+# --show-completion / --install-completion (its options then take SHELL: bash, zsh, fish, ...).
+_TYPER_NO_SHELL_DETECTION = "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"
+_COMPLETION_OPTIONS = ("--show-completion", "--install-completion")
+
+
+def _completion_shell(args: list[str]) -> bool:
+    """Whether a completion option names its shell (`kgen --show-completion zsh`): Typer would
+    otherwise ignore the name and use the shell it detects. Without a name, a shell that cannot
+    be detected (no shell among kgen's parents) is a usage error, not Typer's "Shell  not
+    supported.\""""
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            return False  # a command: its arguments are not kgen's options
+        if arg.startswith(tuple(f"{option}=" for option in _COMPLETION_OPTIONS)):
+            return True
+        if arg not in _COMPLETION_OPTIONS:
+            continue
+        if i + 1 < len(args) and not args[i + 1].startswith("-"):
+            return True
+        import shellingham
+
+        try:
+            shellingham.detect_shell()
+        except shellingham.ShellDetectionFailure:
+            _fail(f"cannot tell which shell runs kgen: name it, e.g. 'kgen {arg} bash' (or zsh, fish, powershell, pwsh)", 2)
+    return False
 
 
 def _not_utf8(args: list[str]) -> str | None:

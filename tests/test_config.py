@@ -91,11 +91,42 @@ def _kgen(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_shell_completion_script_and_completions():
-    # Typer otherwise ignores "bash" and asks shellingham for the shell this runs under, which
-    # fails where no shell started the tests (a runner that execs pytest, a detached job).
-    script = _kgen("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    script = _kgen("--show-completion", "bash", env={})  # named: no shell need run the tests
     assert script.returncode == 0 and "_KGEN_COMPLETE=complete_bash" in script.stdout
     words = _kgen(env={"_KGEN_COMPLETE": "complete_bash", "COMP_WORDS": "kgen expand --tag-length ", "COMP_CWORD": "3"})
     assert words.stdout.split() == ["very_short", "short", "long", "very_long"]
     commands = _kgen(env={"_KGEN_COMPLETE": "complete_bash", "COMP_WORDS": "kgen models ", "COMP_CWORD": "2"})
     assert {"list", "download", "path", "rm"} <= set(commands.stdout.split())
+
+
+def test_a_named_shell_gets_its_own_completion_script():
+    """Typer alone ignores the name and prints the script of the shell it detects."""
+    zsh = _kgen("--show-completion", "zsh", env={})
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef kgen") and "_KGEN_COMPLETE=complete_zsh" in zsh.stdout
+    fish = _kgen("--show-completion", "fish", env={})
+    assert fish.returncode == 0 and "complete --command kgen" in fish.stdout and "_KGEN_COMPLETE=complete_fish" in fish.stdout
+    bad = _kgen("--show-completion", "tcsh", env={})
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1
+    assert "'tcsh' is not one of 'bash', 'zsh'" in bad.stderr
+    code, out, _ = run_main("--show-completion", "zsh")  # in-process: Typer's switch is put back
+    assert code == 0 and out.startswith("#compdef kgen")
+    code, out, _ = run_main("--show-completion=pwsh")
+    assert code == 0 and "Register-ArgumentCompleter -Native -CommandName kgen" in out
+    assert "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION" not in os.environ
+
+
+def test_completion_without_a_shell_that_cannot_be_detected_is_a_usage_error(monkeypatch):
+    import shellingham
+
+    def no_shell():
+        raise shellingham.ShellDetectionFailure()
+
+    monkeypatch.setattr(shellingham, "detect_shell", no_shell)
+    for option in ("--show-completion", "--install-completion"):
+        code, out, err = run_main(option)
+        assert (code, out) == (2, "")
+        assert err == f"Error: cannot tell which shell runs kgen: name it, e.g. 'kgen {option} bash' (or zsh, fish, powershell, pwsh)\n"
+    assert "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION" not in os.environ
+    # After a command the words are its own: a prompt that reads like the option is a prompt.
+    code, out, err = run_main("expand", "--max-tokens", "8", "--show-prompt", "--", "--show-completion")
+    assert code == 0 and "--show-completion" in out, err
