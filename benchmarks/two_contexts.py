@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import nullcontext
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from bench_common import default_model
@@ -48,11 +48,13 @@ def worker(model: str, mode: str, width: int, steps: int) -> None:
 
     import llama_cpp.llama_cpp as ll
 
+    from kgen_cli.engine import cpu_has_amx
+
     ll.llama_backend_init()
     keep = ll.llama_log_callback(lambda *_: None)
     ll.llama_log_set(keep, None)
     mp = ll.llama_model_default_params()
-    mp.use_extra_bufts = b"AMX_INT8 = 1" not in ll.llama_print_system_info()  # as kgen's Engine: AMX segfaults
+    mp.use_extra_bufts = not cpu_has_amx()  # as kgen's Engine: AMX weight buffers segfault
     model_ptr = ll.llama_model_load_from_file(model.encode(), mp)
     vocab = ll.llama_n_vocab(ll.llama_model_get_vocab(model_ptr))
 

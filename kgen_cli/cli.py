@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         rich_utils.COLOR_SYSTEM = None
     args = sys.argv[1:] if argv is None else argv
     named_shell = _completion_shell(args)
-    detection = os.environ.get(_TYPER_NO_SHELL_DETECTION)
+    preset = os.environ.get(_TYPER_NO_SHELL_DETECTION)  # the user's own setting stays
     if named_shell:
         os.environ[_TYPER_NO_SHELL_DETECTION] = "1"  # read while the command is built, and by its callback
     command = typer.main.get_command(app)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sys.exit(code if isinstance(code, int) else 0)
     finally:
-        if named_shell and detection is None:
+        if named_shell and preset is None:
             os.environ.pop(_TYPER_NO_SHELL_DETECTION, None)
 
 
@@ -164,11 +164,13 @@ def _completion_shell(args: list[str]) -> bool:
         if i + 1 < len(args) and not args[i + 1].startswith("-"):
             return True
         import shellingham
+        from typer.completion import Shells
 
         try:
             shellingham.detect_shell()
         except shellingham.ShellDetectionFailure:
-            _fail(f"cannot tell which shell runs kgen: name it, e.g. 'kgen {arg} bash' (or zsh, fish, powershell, pwsh)", 2)
+            first, *others = (shell.value for shell in Shells)
+            _fail(f"cannot tell which shell runs kgen: name it, e.g. 'kgen {arg} {first}' (or {', '.join(others)})", 2)
     return False
 
 
